@@ -1,0 +1,199 @@
+"""YAML config + `key=value` overrides -> a validated, flat TrainConfig.
+
+String values may use `${ENV:-default}` (environment) and `{field}` (another config field, e.g.
+`{data_root}/multi30k/train.{source_lang}.gz`). Unknown keys and wrong types are refused with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mtn.errors import MTNError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainConfig:
+    # --- run
+    name: str = "mtn-local"
+    output_dir: str = "outputs/local"  # final translator goes to {output_dir}/translator
+    seed: int = 0
+    # --- encoders: hub id, local path, or tiny:<t5|clip|bert|xlmr>
+    source_encoder: str = "tiny:t5"
+    source_subfolder: str | None = None
+    source_max_length: int = 32
+    source_prefix: str = ""
+    target_encoder: str = "tiny:clip"
+    target_subfolder: str | None = None
+    target_max_length: int = 77
+    target_prefix: str = ""
+    encoder_dtype: str = "float32"
+    bundle_source_encoder: bool = False  # copy the source LM into the translator folder
+    # --- data: `corpus` (monolingual, same sentence to both encoders) or source_file + target_file (parallel)
+    corpus: str | None = None  # a path, s3:// URI, or generated:<N> (N template captions)
+    source_file: str | None = None
+    target_file: str | None = None
+    val_source_file: str | None = None  # explicit held-out split; else val_fraction of the training data
+    val_target_file: str | None = None
+    val_fraction: float = 0.05
+    max_val_samples: int = 1000
+    max_train_samples: int | None = None
+    source_lang: str = ""  # used by path templates ({source_lang})
+    data_root: str = "${MTN_SHARED_DATA:-" + str(REPO_ROOT.parent / "shared" / "data") + "}"
+    # --- model
+    mtn_size: str = "mtn-3rm"
+    num_modules: int | None = None  # overrides the named size
+    hidden_dim: int | None = None
+    dropout: float = 0.0
+    disc_hidden_dim: int = 256
+    # --- losses (0 switches a term off; see mtn/losses.py for the defaults' reasons)
+    loss_mse: float = 1.0
+    loss_adv: float = 0.0
+    loss_rec: float = 0.1
+    loss_cycle: float = 0.1
+    mse_on_mask: bool = False
+    # --- optimisation (batch_size is global: divided by num_workers)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    max_steps: int = 200
+    # --- validation / checkpoints
+    val_every: int = 50
+    checkpoint_every: int = 50
+    num_checkpoints_to_keep: int = 2
+    # --- distributed (Ray Train + DeepSpeed)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0
+    zero_stage: int = 0  # 0-3
+    offload_optimizer: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    max_failures: int = 0
+    storage_path: str = "{output_dir}/ray_results"  # local path or s3://
+    ray_address: str | None = None  # None: $RAY_ADDRESS or a local cluster
+    # --- tracking
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///{output_dir}/mlflow.db
+    mlflow_experiment: str = "mtn"
+
+    def __post_init__(self):
+        checks = [
+            (self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}"),
+            (self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}"),
+            (self.num_workers >= 1, "num_workers must be >= 1"),
+            (self.batch_size >= self.num_workers, f"batch_size ({self.batch_size}) is global and must be >= "
+                                                   f"num_workers ({self.num_workers})"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.val_every >= 1 and self.checkpoint_every >= 1, "val_every and checkpoint_every must be >= 1"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (self.lr > 0, "lr must be > 0"),
+            (min(self.loss_mse, self.loss_adv, self.loss_rec, self.loss_cycle) >= 0, "loss weights must be >= 0"),
+            (max(self.loss_mse, self.loss_adv, self.loss_rec, self.loss_cycle) > 0, "all loss weights are 0"),
+            (bool(self.corpus) != bool(self.source_file or self.target_file),
+             "give either `corpus` (monolingual) or `source_file` + `target_file` (parallel), not both/neither"),
+            (bool(self.source_file) == bool(self.target_file), "parallel data needs both source_file and target_file"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise MTNError(f"config: {msg}")
+
+    @property
+    def loss_weights(self) -> dict:
+        return {"mse": self.loss_mse, "adv": self.loss_adv, "rec": self.loss_rec, "cycle": self.loss_cycle}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _coerce(name: str, value, annotation):
+    types_ = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in types_:
+            return None
+        raise MTNError(f"config: {name} may not be null")
+    for t in types_:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if t in (int, float) and not isinstance(value, bool):
+            try:
+                v = t(value)
+            except (TypeError, ValueError):
+                continue
+            if t is int and isinstance(value, float) and v != value:
+                continue
+            return v
+        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in types_)
+    raise MTNError(f"config: {name} must be {names}, got {value!r}")
+
+
+def _resolve(raw: dict) -> dict:
+    """Expand ${ENV:-default}, then {field} references (a few rounds for chains), then ~ in strings."""
+    out = {k: _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), v) if isinstance(v, str) else v
+           for k, v in raw.items()}
+    for _ in range(4):
+        fmt = {k: ("" if v is None else v) for k, v in out.items()}
+        try:
+            out = {k: v.format(**fmt) if isinstance(v, str) else v for k, v in out.items()}
+        except (KeyError, IndexError, ValueError) as e:
+            raise MTNError(f"config: bad {{...}} reference in a string value: {e}") from None
+    return {k: os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v for k, v in out.items()}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MTNError(f"override {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MTNError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MTNError(f"config {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise MTNError(f"config {path} must be a mapping of key: value")
+    raw.update(parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {}))
+    unknown = [k for k in raw if k not in FIELDS]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else "")
+                 for k in unknown]
+        raise MTNError(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}")
+    defaults = {k: f.default for k, f in FIELDS.items() if f.default is not dataclasses.MISSING}
+    merged = _resolve({**defaults, **raw})
+    hints = typing.get_type_hints(TrainConfig)
+    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in merged.items()})
+
+
+def config_field_names() -> list[str]:
+    return list(FIELDS)
+
+

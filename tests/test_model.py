@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from mtn.errors import MTNError
+from mtn.model import ModelTranslationNetwork, TokenDiscriminator
+
+
+def tiny_mtn(**kw):
+    torch.manual_seed(0)
+    args = dict(source_dim=24, target_dim=16, source_len=12, target_len=10, num_modules=2, hidden_dim=32)
+    return ModelTranslationNetwork(**{**args, **kw})
+
+
+@pytest.mark.parametrize("s_s,d_s,s_t,d_t", [(12, 24, 10, 16), (256, 32, 77, 48), (128, 16, 77, 40), (77, 8, 77, 8),
+                                             (8, 20, 16, 12)])
+def test_shapes(s_s, d_s, s_t, d_t):
+    mtn = tiny_mtn(source_dim=d_s, target_dim=d_t, source_len=s_s, target_len=s_t)
+    x = torch.randn(3, s_s, d_s)
+    y = mtn.encode(x, torch.ones(3, s_s))
+    assert y.shape == (3, s_t, d_t)
+    assert mtn.decode(y).shape == (3, s_s, d_s)
+
+
+def test_padded_positions_do_not_change_output():
+    mtn = tiny_mtn().eval()
+    x = torch.randn(2, 12, 24)
+    mask = torch.ones(2, 12)
+    mask[0, 5:] = 0
+    mask[1, 9:] = 0
+    x2 = x.clone()
+    x2[0, 5:] = 100 * torch.randn(7, 24)  # garbage in padding
+    x2[1, 9:] = -3.0
+    y1, y2 = mtn.encode(x, mask), mtn.encode(x2, mask)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    # and real positions do matter
+    x3 = x.clone()
+    x3[0, 0] += 1.0
+    assert not torch.allclose(mtn.encode(x3, mask)[0], y1[0])
+
+
+def test_save_load_round_trip(tmp_path):
+    mtn = tiny_mtn()
+    mtn.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = ModelTranslationNetwork.from_pretrained(tmp_path / "m")
+    assert loaded.config.source_len == 12 and loaded.config.num_modules == 2
+    x, m = torch.randn(2, 12, 24), torch.ones(2, 12)
+    torch.testing.assert_close(loaded.encode(x, m), mtn.encode(x, m))
+    torch.testing.assert_close(loaded.decode(torch.ones(1, 10, 16)), mtn.decode(torch.ones(1, 10, 16)))
+
+
+def test_named_sizes_and_errors():
+    three = ModelTranslationNetwork.from_named_size("mtn-3rm", source_dim=8, target_dim=8, source_len=4, target_len=4)
+    five = ModelTranslationNetwork.from_named_size("mtn-5rm", source_dim=8, target_dim=8, source_len=4, target_len=4)
+    assert three.config.num_modules == 3 and five.config.num_modules == 5
+    with pytest.raises(MTNError, match="unknown MTN size"):
+        ModelTranslationNetwork.from_named_size("mtn-4rm", source_dim=8, target_dim=8)
+    with pytest.raises(MTNError, match=r"shape \[B, 12, 24\]"):
+        tiny_mtn().encode(torch.randn(1, 11, 24))
+    with pytest.raises(MTNError, match="with_decoder=False"):
+        tiny_mtn(with_decoder=False).decode(torch.randn(1, 10, 16))
+
+
+def test_param_counts_at_paper_dims():
+    """T5-3B (d=1024) -> LDM-BERT (d=1280), 77 tokens; paper Table: MTN-3RM 34M, MTN-5RM 51M (encoder M)."""
+    counts = {}
+    with torch.device("meta"):  # no memory for 2 x 85M params
+        for size, paper in (("mtn-3rm", 34e6), ("mtn-5rm", 51e6)):
+            mtn = ModelTranslationNetwork.from_named_size(size, source_dim=1024, target_dim=1280, source_len=77,
+                                                          target_len=77)
+            counts[size] = mtn.num_parameters_of("encoder")
+            print(f"{size}: encoder {counts[size] / 1e6:.1f}M params (paper {paper / 1e6:.0f}M), "
+                  f"decoder {mtn.num_parameters_of('decoder') / 1e6:.1f}M")
+            assert abs(counts[size] - paper) / paper < 0.03
+    assert counts["mtn-5rm"] > counts["mtn-3rm"]
+
+
+def test_discriminator_tokenwise():
+    torch.manual_seed(0)
+    d = TokenDiscriminator(16, hidden_dim=8)
+    assert d(torch.randn(3, 10, 16)).shape == (3, 10)
