@@ -1,0 +1,127 @@
+"""Translator = frozen source LM + MTN encoder -> target-space prompt embeddings; and its checkpoint folder.
+
+A translator folder (what `jobs/train_mtn.py` writes at `<output_dir>/translator`) is self-describing:
+
+    translator.json            format, source/target encoder specs (id or path, max_length, prefix, ...),
+                               training metadata (config, steps, final metrics)
+    mtn/config.json            ModelTranslationNetwork config (save_pretrained)
+    mtn/diffusion_pytorch_model.safetensors
+    source_encoder/            optional bundled copy of the source LM (model + tokenizer)
+
+    >>> from mtn import load_translator
+    >>> tr = load_translator("outputs/local/translator")
+    >>> emb = tr.encode(["ein Hund rennt am Strand"])        # [B, S_t, d_t]
+    >>> pipe(prompt_embeds=emb, negative_prompt_embeds=tr.encode([""]))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mtn.encoders import FrozenTextEncoder, load_text_encoder
+from mtn.errors import MTNError
+from mtn.model import ModelTranslationNetwork
+
+FORMAT = "mtn-translator"
+VERSION = 1
+MANIFEST = "translator.json"
+MTN_SUBFOLDER = "mtn"
+BUNDLED_ENCODER = "source_encoder"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class Translator:
+    """Runs the source LM and the MTN encoder: prompts -> [B, S_t, d_t] embeddings for `prompt_embeds`."""
+
+    def __init__(self, source_encoder: FrozenTextEncoder, mtn: ModelTranslationNetwork, manifest: dict | None = None):
+        if source_encoder.hidden_size != mtn.config.source_dim or source_encoder.max_length != mtn.config.source_len:
+            raise MTNError(
+                f"source encoder gives [*, {source_encoder.max_length}, {source_encoder.hidden_size}] but the MTN "
+                f"expects [*, {mtn.config.source_len}, {mtn.config.source_dim}]")
+        self.source_encoder = source_encoder
+        self.mtn = mtn.eval()
+        self.manifest = manifest or {}
+
+    @property
+    def target_shape(self) -> tuple[int, int]:
+        return self.mtn.config.target_len, self.mtn.config.target_dim
+
+    def to(self, device=None, dtype=None) -> "Translator":
+        self.source_encoder.to(device=device, dtype=dtype)
+        self.mtn.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """prompts -> [B, S_t, d_t] in the MTN's dtype/device, ready for a diffusers pipeline's prompt_embeds.
+        The empty string is a valid prompt (it gives the unconditional embedding for classifier-free guidance)."""
+        if isinstance(prompts, str):
+            raise MTNError("encode() takes a list of prompts, not a single string: use encode([prompt])")
+        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+            raise MTNError("encode() needs a non-empty list of prompt strings")
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise MTNError(f"prompts must be strings; items {bad[:5]} are not")
+        p = next(self.mtn.parameters())
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            hidden, mask = self.source_encoder(list(prompts[i:i + batch_size]))  # [b, S_s, d_s], [b, S_s]
+            out.append(self.mtn.encode(hidden.to(p.device, p.dtype), mask.to(p.device)))  # [b, S_t, d_t]
+        return torch.cat(out)  # [B, S_t, d_t]
+
+    def save(self, path: str | Path, bundle_source_encoder: bool = False, training: dict | None = None) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.mtn.save_pretrained(path / MTN_SUBFOLDER)
+        if bundle_source_encoder:
+            self.source_encoder.save(path / BUNDLED_ENCODER)
+        manifest = {**self.manifest, "format": FORMAT, "version": VERSION,
+                    "source_encoder": self.source_encoder.spec(),
+                    "bundled_source_encoder": bool(bundle_source_encoder)}
+        if training is not None:
+            manifest["training"] = training
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        self.manifest = manifest
+        return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise MTNError(f"translator folder not found: {path}")
+    missing = [str(f.relative_to(path)) for f in (path / MANIFEST, path / MTN_SUBFOLDER / "config.json",
+                                                   path / MTN_SUBFOLDER / WEIGHTS) if not f.is_file()]
+    if missing:
+        raise MTNError(f"{path} is not a complete translator folder: missing {', '.join(missing)}")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except ValueError as e:
+        raise MTNError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise MTNError(f"{path / MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("version", 0) > VERSION:
+        raise MTNError(f"{path} was written by a newer mtn (format version {manifest['version']} > {VERSION})")
+    for key in ("source_encoder", "target_encoder"):
+        if not isinstance(manifest.get(key), dict) or "name_or_path" not in manifest[key]:
+            raise MTNError(f"{path / MANIFEST} lacks the '{key}' reference (name_or_path, max_length, ...)")
+    return manifest
+
+
+def load_translator(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    source_encoder: FrozenTextEncoder | str | None = None) -> Translator:
+    """Load a translator folder. `source_encoder` overrides the recorded source LM (an encoder or a path),
+    e.g. when the hub id in the manifest is mirrored locally."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    spec = manifest["source_encoder"]
+    if not isinstance(source_encoder, FrozenTextEncoder):
+        where = source_encoder or (str(path / BUNDLED_ENCODER) if manifest.get("bundled_source_encoder")
+                                   else spec["name_or_path"])
+        source_encoder = load_text_encoder(where, max_length=spec["max_length"], prefix=spec.get("prefix", ""),
+                                           subfolder=None if where != spec["name_or_path"] else spec.get("subfolder"),
+                                           device=device)
+    mtn = ModelTranslationNetwork.from_pretrained(path / MTN_SUBFOLDER)
+    return Translator(source_encoder, mtn, manifest).to(device=device, dtype=dtype)
