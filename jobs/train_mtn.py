@@ -88,14 +88,22 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                                   "torch_adam": True}},
         "zero_force_ds_cpu_optimizer": False,
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
-                                                     "warmup_num_steps": max(cfg.warmup_steps, 1),
-                                                     "warmup_type": "linear"}},
+        "scheduler": lr_scheduler(cfg),
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16"},
         "steps_per_print": 10**9,
     }
+
+
+def lr_scheduler(cfg: TrainConfig) -> dict:
+    """Linear warmup, then constant or cosine decay to 1% of lr at max_steps (DeepSpeed's own schedulers)."""
+    warmup = max(cfg.warmup_steps, 1)
+    if cfg.lr_schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {"total_num_steps": cfg.max_steps, "warmup_num_steps": warmup,
+                                                     "warmup_type": "linear", "cos_min_ratio": 0.01}}
+    return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+                                           "warmup_num_steps": warmup, "warmup_type": "linear"}}
 
 
 def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch: int):
@@ -207,6 +215,9 @@ def train_loop_per_worker(config: dict):
     engine = setup_engine(cfg, source.hidden_size, target.hidden_size, per_worker)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     state = load_checkpoint(engine)
+    if rank == 0 and state["step"]:
+        print(f"resuming from the checkpoint at step {state['step']} (same name + storage_path); "
+              f"give another name=... for a fresh run")
     tracker = MLflowTracker(cfg, state["mlflow_run_id"]) if rank == 0 else None
     if tracker:
         state["mlflow_run_id"] = tracker.run_id
@@ -295,7 +306,8 @@ def run(cfg: TrainConfig):
     if "://" not in cfg.output_dir:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     env = {"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         local = {} if address else {"num_cpus": max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker)}
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, **local)
@@ -310,6 +322,8 @@ def run(cfg: TrainConfig):
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep)),
     )
     result = trainer.fit()
+    if started_here:
+        ray.shutdown()  # stops the workers' progress-bar forwarding before the summary prints
     return publish(cfg, result)
 
 

@@ -66,6 +66,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (after linear warmup)
     grad_clip: float = 1.0
     batch_size: int = 32
     max_steps: int = 200
@@ -92,6 +93,7 @@ class TrainConfig:
         checks = [
             (self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}"),
             (self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}"),
+            (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant|cosine, got {self.lr_schedule!r}"),
             (self.num_workers >= 1, "num_workers must be >= 1"),
             (self.batch_size >= self.num_workers, f"batch_size ({self.batch_size}) is global and must be >= "
                                                    f"num_workers ({self.num_workers})"),

@@ -50,8 +50,9 @@ class Translator:
         return self.mtn.config.target_len, self.mtn.config.target_dim
 
     def to(self, device=None, dtype=None) -> "Translator":
-        self.source_encoder.to(device=device, dtype=dtype)
-        self.mtn.to(device=device, dtype=dtype)
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        self.source_encoder.to(**kw)
+        self.mtn.to(**kw)
         return self
 
     @torch.no_grad()

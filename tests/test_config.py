@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+from mtn.config import TrainConfig, load_config
+from mtn.errors import MTNError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert {"local.yaml", "multi30k.yaml"} <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_instantiates(path):
+    text = path.read_text()
+    assert "python jobs/" in text.split("\n\n")[0], f"{path.name}: header must show the command that runs it"
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+    assert "{" not in cfg.output_dir and "${" not in cfg.source_encoder
+
+
+def test_overrides_types_and_templates(monkeypatch, tmp_path):
+    monkeypatch.setenv("MTN_SHARED_DATA", str(tmp_path))
+    cfg = load_config(CONFIGS[0].parent / "multi30k.yaml", ["source_lang=fr", "lr=1e-4", "max_steps=7",
+                                                            "use_gpu=true", "hidden_dim=null"])
+    assert cfg.source_file == f"{tmp_path}/multi30k/train.fr.gz"
+    assert cfg.name == "mtn-multi30k-fr" and cfg.output_dir == "outputs/multi30k-fr"
+    assert cfg.lr == pytest.approx(1e-4) and cfg.max_steps == 7 and cfg.use_gpu is True and cfg.hidden_dim is None
+    assert load_config(None, ["corpus=generated:10"]).corpus == "generated:10"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["lrr=0.1"], r"unknown config key: 'lrr' \(did you mean 'lr'\?\)"),
+    (["max_steps=many"], "max_steps must be int"),
+    (["zero_stage=4"], "zero_stage must be 0-3"),
+    (["max_steps"], "is not key=value"),
+    (["loss_mse=0", "loss_rec=0", "loss_cycle=0"], "all loss weights are 0"),
+    (["source_file=a.txt"], "not both"),
+])
+def test_bad_configs_are_refused_with_a_message(overrides, match):
+    with pytest.raises(MTNError, match=match):
+        load_config(CONFIGS[0].parent / "local.yaml", overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(MTNError, match="config file not found"):
+        load_config("nope.yaml")
