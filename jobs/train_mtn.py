@@ -142,7 +142,8 @@ def encode_pairs(source, target, pairs, batch_size: int = 64):
     out = [[], [], [], []]
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        for lst, t in zip(out, (*source([s for s, _ in chunk]), *target([t for _, t in chunk]))):
+        feats = (*source([s for s, _ in chunk], zero_pad=True), *target([t for _, t in chunk], zero_pad=True))
+        for lst, t in zip(out, feats):  # metrics only read real target tokens, so zero_pad is exact here
             lst.append(t.cpu())
     return [torch.cat(x) for x in out]  # src [N,S_s,d_s], src_mask [N,S_s], tgt [N,S_t,d_t], tgt_mask [N,S_t]
 
@@ -232,8 +233,9 @@ def train_loop_per_worker(config: dict):
         if step > cfg.max_steps:
             break
         with torch.no_grad():
-            src, src_m = source([s for s, _ in batch])  # [b, S_s, d_s], [b, S_s]
-            tgt, tgt_m = target([t for _, t in batch])  # [b, S_t, d_t], [b, S_t]
+            # the MTN masks padded source positions, so the source LM stops at the batch's longest caption
+            src, src_m = source([s for s, _ in batch], zero_pad=True)  # [b, S_s, d_s], [b, S_s]
+            tgt, tgt_m = target([t for _, t in batch], zero_pad=cfg.mse_on_mask)  # [b, S_t, d_t], [b, S_t]
         total, terms = engine(src.to(dtype), src_m, tgt.to(dtype), tgt_m)
         engine.backward(total)
         engine.step()

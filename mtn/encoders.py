@@ -94,8 +94,8 @@ class FrozenTextEncoder(torch.nn.Module):
         return True
 
     # ---------------------------------------------------------------- encoding
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """input_ids / attention_mask, each [B, max_length] on the encoder's device."""
+    def tokenize(self, texts: list[str], padding: str = "max_length") -> dict[str, torch.Tensor]:
+        """input_ids / attention_mask, each [B, max_length] (or [B, longest] with padding="longest")."""
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise MTNError(f"texts must be a list of strings, got {type(texts).__name__}")
         if len(texts) == 0:
@@ -105,21 +105,32 @@ class FrozenTextEncoder(torch.nn.Module):
             raise MTNError(f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
         enc = self.tokenizer(
             [self.prefix + t for t in texts],
-            padding="max_length",
+            padding=padding,
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
         )
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
-    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (hidden [B, max_length, d] in the module's dtype, mask [B, max_length] long, 1 = token)."""
-        enc = self.tokenize(texts)
-        ids, mask = enc["input_ids"], enc["attention_mask"]  # [B, S], [B, S]
+    def forward(self, texts: list[str], zero_pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (hidden [B, max_length, d] in the module's dtype, mask [B, max_length] long, 1 = token).
+
+        zero_pad=True runs the encoder only up to the batch's longest text and puts zeros at every padded
+        position: the same values wherever mask == 1 (padding is masked, or after the text for causal CLIP),
+        several times cheaper on short captions. Use it when padded positions are ignored downstream, as the MTN
+        does for its source; the UNet attends to padded target positions, so targets keep zero_pad=False.
+        """
+        enc = self.tokenize(texts, padding="longest" if zero_pad else "max_length")
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # [B, L], [B, L]; L = max_length unless zero_pad
         with torch.no_grad():
             kwargs = {"attention_mask": mask} if self.passes_attention_mask else {}
             out = self.model(input_ids=ids, **kwargs, return_dict=True)
-        hidden = out.last_hidden_state  # [B, S, d]
+        hidden = out.last_hidden_state  # [B, L, d]
+        if zero_pad:
+            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # zeros wherever mask == 0, as documented
+        if (pad := self.max_length - hidden.shape[1]) > 0:
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, pad))  # [B, max_length, d], zeros after L
+            mask = torch.nn.functional.pad(mask, (0, pad))  # [B, max_length]
         return hidden, mask.long()
 
     # ---------------------------------------------------------------- persistence

@@ -69,7 +69,8 @@ class Translator:
         p = next(self.mtn.parameters())
         out = []
         for i in range(0, len(prompts), batch_size):
-            hidden, mask = self.source_encoder(list(prompts[i:i + batch_size]))  # [b, S_s, d_s], [b, S_s]
+            # zero_pad: the MTN masks padded positions, so the LM need only run up to the longest prompt
+            hidden, mask = self.source_encoder(list(prompts[i:i + batch_size]), zero_pad=True)  # [b,S_s,d_s],[b,S_s]
             out.append(self.mtn.encode(hidden.to(p.device, p.dtype), mask.to(p.device)))  # [b, S_t, d_t]
         return torch.cat(out)  # [B, S_t, d_t]
 

@@ -170,3 +170,15 @@ def test_generate_captions_and_corpus():
     assert all(isinstance(c, str) and c.startswith("a ") for c in caps)
     assert generate_captions(0) == []
     assert len(TINY_CORPUS) >= 90
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_zero_pad_is_exact_on_real_tokens(kind):
+    enc = tiny(kind)
+    texts = [SHORT, "ein roter Hund läuft am Strand"]  # both shorter than L: the batch runs at its longest
+    full, mask = enc(texts)
+    fast, fast_mask = enc(texts, zero_pad=True)
+    assert fast.shape == full.shape and torch.equal(fast_mask, mask)
+    m = mask.bool()
+    torch.testing.assert_close(fast[m], full[m], atol=1e-5, rtol=1e-4)
+    assert fast[~m].abs().max() == 0
