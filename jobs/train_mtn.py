@@ -13,6 +13,7 @@ R@1/R@5), checkpoints through `ray.train.report` (resumed after worker failures 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -143,7 +144,7 @@ def encode_pairs(source, target, pairs, batch_size: int = 64):
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         feats = (*source([s for s, _ in chunk], zero_pad=True), *target([t for _, t in chunk], zero_pad=True))
-        for lst, t in zip(out, feats):  # metrics only read real target tokens, so zero_pad is exact here
+        for lst, t in zip(out, feats, strict=False):  # metrics only read real target tokens, so zero_pad is exact here
             lst.append(t.cpu())
     return [torch.cat(x) for x in out]  # src [N,S_s,d_s], src_mask [N,S_s], tgt [N,S_t,d_t], tgt_mask [N,S_t]
 
@@ -186,6 +187,15 @@ def export_translator(engine, source, target, cfg: TrainConfig, state: dict, out
             training = {"config": cfg.to_dict(), "steps": state["step"], "final_metrics": state.get("final_metrics")}
             Translator(source, clean, {"target_encoder": target.spec()}).save(
                 out_dir, bundle_source_encoder=cfg.bundle_source_encoder, training=training)
+
+
+def write_final_artifacts(tmp: Path, engine, source, target, cfg, state, metrics, rank, tracker):
+    """Into the final checkpoint: translator/, loss_curve.png, metrics.json; and the same to MLflow."""
+    export_translator(engine, source, target, cfg, state, tmp / "translator", rank)
+    if rank == 0:
+        save_loss_curve(state["history"], tmp / "loss_curve.png")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.finish(tmp / "translator", tmp / "loss_curve.png", metrics)
 
 
 def report(engine, state: dict, metrics: dict, rank: int, final_extra=None):
@@ -251,14 +261,9 @@ def train_loop_per_worker(config: dict):
         if step == cfg.max_steps:
             state["final_metrics"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
 
-            def finish(tmp: Path):
-                export_translator(engine, source, target, cfg, state, tmp / "translator", rank)
-                if rank == 0:
-                    save_loss_curve(state["history"], tmp / "loss_curve.png")
-                    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-                    tracker.finish(tmp / "translator", tmp / "loss_curve.png", metrics)
-
-            report(engine, state, metrics, rank, finish)
+            report(engine, state, metrics, rank, functools.partial(
+                write_final_artifacts, engine=engine, source=source, target=target, cfg=cfg, state=state,
+                metrics=metrics, rank=rank, tracker=tracker))
         elif step % cfg.checkpoint_every == 0:
             report(engine, state, metrics, rank)
     if bar:

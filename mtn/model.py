@@ -126,7 +126,7 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
                                         decoder_hidden_dim, mult, dropout) if with_decoder else None)
 
     @classmethod
-    def from_named_size(cls, size: str, **kwargs) -> "ModelTranslationNetwork":
+    def from_named_size(cls, size: str, **kwargs) -> ModelTranslationNetwork:
         if size not in NAMED_SIZES:
             raise MTNError(f"unknown MTN size {size!r}; choose one of {sorted(NAMED_SIZES)}")
         return cls(**{**NAMED_SIZES[size], **kwargs})

@@ -55,12 +55,12 @@ def save_loss_curve(history: list[dict], path: str | Path) -> Path:
     for k in keys:
         pts = [(h["step"], h[k]) for h in history if k in h and h[k] > 0]
         if pts:
-            ax_loss.plot(*zip(*pts), label=k.removeprefix("train/"))
+            ax_loss.plot(*zip(*pts, strict=False), label=k.removeprefix("train/"))
     ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="training losses")
     ax_loss.legend()
     for k in sorted({k for h in history for k in h if k.startswith("val/")}):
         pts = [(h["step"], h[k]) for h in history if k in h]
-        ax_val.plot(*zip(*pts), marker="o", label=k.removeprefix("val/"))
+        ax_val.plot(*zip(*pts, strict=False), marker="o", label=k.removeprefix("val/"))
     ax_val.set(xlabel="step", title="validation")
     ax_val.legend()
     fig.tight_layout()

@@ -49,7 +49,7 @@ class Translator:
     def target_shape(self) -> tuple[int, int]:
         return self.mtn.config.target_len, self.mtn.config.target_dim
 
-    def to(self, device=None, dtype=None) -> "Translator":
+    def to(self, device=None, dtype=None) -> Translator:
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.source_encoder.to(**kw)
         self.mtn.to(**kw)

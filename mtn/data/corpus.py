@@ -44,7 +44,7 @@ def load_pairs(source_file: str | None = None, target_file: str | None = None,
         if len(src) != len(tgt):
             raise MTNError(f"parallel files are misaligned: {source_file} has {len(src)} lines but "
                            f"{target_file} has {len(tgt)}; line i of one must translate line i of the other")
-        pairs = [(s, t) for s, t in zip(src, tgt) if s.strip() and t.strip()]
+        pairs = [(s, t) for s, t in zip(src, tgt, strict=False) if s.strip() and t.strip()]
         where = f"{source_file} + {target_file}"
     if not pairs:
         raise MTNError(f"corpus {where} holds no non-empty lines")

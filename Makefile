@@ -1,0 +1,29 @@
+# Fresh machine -> working project. `make train` and `make test` set everything up first (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is pinned; on a CPU-only box outside this farm add: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS = 0
+
+.PHONY: setup train test test-fast lint
+setup: $(BIN)/.installed
+
+# torch first (from its pin), then everything else under the full lock in constraints.txt
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+train: setup  ## the MTN training job on the embedded default (jobs/configs/local.yaml)
+	$(BIN)/python jobs/train_mtn.py
+
+test: setup  ## the whole suite, slow multi-process job tests included (what CI runs)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup  ## everything but the multi-process Ray/DeepSpeed job tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .

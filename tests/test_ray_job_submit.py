@@ -1,0 +1,52 @@
+"""`ray job submit -- python jobs/train_mtn.py` against a local `ray start --head` cluster (its own ports)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_training_job(tmp_path):
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    # --block keeps `ray start` in the foreground: terminating it stops exactly this cluster (no global `ray stop`)
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        for _ in range(120):  # the job server answers a few seconds after start
+            if subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        out = tmp_path / "run"
+        job = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--", sys.executable, str(ROOT / "jobs" / "train_mtn.py"),
+             f"output_dir={out}", "max_steps=2", "val_every=2", "checkpoint_every=2", "corpus=generated:100",
+             "hidden_dim=16"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "== train_mtn finished ==" in job.stdout
+        assert (out / "translator" / "translator.json").is_file()
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
