@@ -254,11 +254,15 @@ def train_loop_per_worker(config: dict):
             metrics.update(validate(engine, val_feats, dtype))
         state["step"] = step
         if tracker:
-            state["history"].append(metrics)
-            tracker.log_metrics(metrics, step)
+            if step % cfg.log_every == 0 or any(k.startswith("val/") for k in metrics) or step == start + 1:
+                state["history"].append(metrics)
+                tracker.log_metrics(metrics, step)
             bar.update(1)
             bar.set_description(f"train_mtn loss {metrics['train/loss']:.4f}")
         if step == cfg.max_steps:
+            if bar:
+                bar.close()  # before the final report, so the driver hears of it before Ray shuts down
+                bar = None
             state["final_metrics"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
 
             report(engine, state, metrics, rank, functools.partial(
@@ -296,6 +300,10 @@ def prepare_config(path, overrides) -> TrainConfig:
         cfg.storage_path = str(Path(cfg.storage_path).resolve())
     cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                or f"sqlite:///{cfg.output_dir}/mlflow.db")
+    data = [f for f in (cfg.corpus, cfg.source_file, cfg.target_file, cfg.val_source_file) if f]
+    if any(f.startswith(cfg.data_root) for f in data) and "://" not in cfg.data_root \
+            and not Path(cfg.data_root).is_dir():
+        raise MTNError(f"data folder not found: {cfg.data_root} (set $MTN_SHARED_DATA or data_root=...)")
     for name in ("source_encoder", "target_encoder"):  # check encoders exist before starting workers
         ref = getattr(cfg, name)
         if ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
@@ -361,13 +369,12 @@ def publish(cfg: TrainConfig, result) -> dict | None:
                "metrics": f"{cfg.output_dir}/metrics.json", "checkpoint": result.checkpoint.path,
                "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_experiment": cfg.mlflow_experiment,
                "mlflow_run_id": state.get("mlflow_run_id"), "steps": state["step"]}
-    print("\n== train_mtn finished ==")
-    for k, v in summary.items():
-        print(f"  {k:20s} {v}")
-    for k, v in metrics.items():
-        if k.startswith("val/"):
-            print(f"  {k:20s} {v:.4f}")
-    print(f"  browse runs with:    mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}")
+    lines = ["", "== train_mtn finished =="] + [f"  {k:20s} {v}" for k, v in summary.items()]
+    lines += [f"  {k:20s} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")]
+    lines += [f"  browse runs with:    mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}", ""]
+    # sys.stdout, not print: Ray's progress-bar manager patches print() to redraw bars around each line
+    sys.stdout.write("\n".join(lines))
+    sys.stdout.flush()
     return summary
 
 

@@ -70,7 +70,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     batch_size: int = 32
     max_steps: int = 200
-    # --- validation / checkpoints
+    # --- logging / validation / checkpoints
+    log_every: int = 10  # train metrics to MLflow and the loss curve every N steps (val steps always)
     val_every: int = 50
     checkpoint_every: int = 50
     num_checkpoints_to_keep: int = 2
@@ -98,7 +99,8 @@ class TrainConfig:
             (self.batch_size >= self.num_workers, f"batch_size ({self.batch_size}) is global and must be >= "
                                                    f"num_workers ({self.num_workers})"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.val_every >= 1 and self.checkpoint_every >= 1, "val_every and checkpoint_every must be >= 1"),
+            (min(self.val_every, self.checkpoint_every, self.log_every) >= 1,
+             "val_every, checkpoint_every and log_every must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
             (self.lr > 0, "lr must be > 0"),
             (min(self.loss_mse, self.loss_adv, self.loss_rec, self.loss_cycle) >= 0, "loss weights must be >= 0"),

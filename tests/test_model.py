@@ -61,7 +61,7 @@ def test_named_sizes_and_errors():
         tiny_mtn(with_decoder=False).decode(torch.randn(1, 10, 16))
 
 
-def test_param_counts_at_paper_dims():
+def test_param_counts_at_paper_dims(capsys):
     """T5-3B (d=1024) -> LDM-BERT (d=1280), 77 tokens; paper Table: MTN-3RM 34M, MTN-5RM 51M (encoder M)."""
     counts = {}
     with torch.device("meta"):  # no memory for 2 x 85M params
@@ -69,8 +69,9 @@ def test_param_counts_at_paper_dims():
             mtn = ModelTranslationNetwork.from_named_size(size, source_dim=1024, target_dim=1280, source_len=77,
                                                           target_len=77)
             counts[size] = mtn.num_parameters_of("encoder")
-            print(f"{size}: encoder {counts[size] / 1e6:.1f}M params (paper {paper / 1e6:.0f}M), "
-                  f"decoder {mtn.num_parameters_of('decoder') / 1e6:.1f}M")
+            with capsys.disabled():  # shown in the test log on purpose
+                print(f"\n{size}: encoder {counts[size] / 1e6:.1f}M params (paper {paper / 1e6:.0f}M), "
+                      f"decoder {mtn.num_parameters_of('decoder') / 1e6:.1f}M")
             assert abs(counts[size] - paper) / paper < 0.03
     assert counts["mtn-5rm"] > counts["mtn-3rm"]
 

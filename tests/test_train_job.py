@@ -31,7 +31,7 @@ def run_job(*overrides, cwd):
 def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path):
     out = tmp_path / "run"
     common = [f"output_dir={out}", "num_workers=2", "zero_stage=2", "batch_size=8", "corpus=generated:200",
-              "val_every=3", "checkpoint_every=2", "hidden_dim=16", "loss_adv=0.01"]
+              "val_every=3", "checkpoint_every=2", "log_every=1", "hidden_dim=16", "loss_adv=0.01"]
     first = run_job(*common, "max_steps=3", cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "== train_mtn finished ==" in first.stdout
@@ -72,6 +72,7 @@ def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path):
     (["corpus=/nonexistent/corpus.txt"], "corpus file not found: /nonexistent/corpus.txt"),
     (["max_stepz=3"], "unknown config key: 'max_stepz' (did you mean 'max_steps'?)"),
     (["source_encoder=./no/such/encoder"], "source_encoder not found: ./no/such/encoder"),
+    (["--config", str(ROOT / "jobs/configs/multi30k.yaml"), "data_root=/no/data"], "data folder not found: /no/data"),
 ])
 def test_cli_errors_are_one_line_without_traceback(overrides, match, capsys):
     assert load_job().main(overrides) == 2
