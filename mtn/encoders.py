@@ -115,12 +115,16 @@ class FrozenTextEncoder(torch.nn.Module):
     def forward(self, texts: list[str], zero_pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (hidden [B, max_length, d] in the module's dtype, mask [B, max_length] long, 1 = token).
 
-        zero_pad=True runs the encoder only up to the batch's longest text and puts zeros at every padded
-        position: the same values wherever mask == 1 (padding is masked, or after the text for causal CLIP),
-        several times cheaper on short captions. Use it when padded positions are ignored downstream, as the MTN
-        does for its source; the UNet attends to padded target positions, so targets keep zero_pad=False.
+        zero_pad=True puts zeros at every padded position and, where that is exact (padding masked, or after
+        the text under CLIP's causal attention), runs the encoder only up to the batch's longest text: the same
+        values wherever mask == 1, several times cheaper on short captions. Use it when padded positions are
+        ignored downstream, as the MTN does for its source; the UNet attends to padded target positions, so
+        targets keep zero_pad=False.
         """
-        enc = self.tokenize(texts, padding="longest" if zero_pad else "max_length")
+        # running shorter is exact only when padding cannot reach real tokens: masked, or after them under
+        # CLIP's causal attention (an unmasked bidirectional LDM-BERT still runs at max_length)
+        shorten = zero_pad and (self.passes_attention_mask or self.model_type in ("clip", "clip_text_model"))
+        enc = self.tokenize(texts, padding="longest" if shorten else "max_length")
         ids, mask = enc["input_ids"], enc["attention_mask"]  # [B, L], [B, L]; L = max_length unless zero_pad
         with torch.no_grad():
             kwargs = {"attention_mask": mask} if self.passes_attention_mask else {}

@@ -161,6 +161,11 @@ def test_ldmbert_subfolder_with_tokenizer_folder(tmp_path):
     with torch.no_grad():
         ref = model(ids)[0]  # exactly how LDMTextToImagePipeline calls it
     torch.testing.assert_close(hidden, ref)
+    # no mask reaches LDM-BERT, so zero_pad must still run the full length to keep real tokens exact
+    fast, fast_mask = enc([SHORT, LONG[:20]], zero_pad=True)
+    m = fast_mask.bool()
+    torch.testing.assert_close(fast[0][m[0]], ref[0][m[0]])
+    assert fast[~m].abs().max() == 0
 
 
 def test_generate_captions_and_corpus():
