@@ -1,9 +1,11 @@
 """`ray job submit -- python jobs/train_mtn.py` against a local `ray start --head` cluster (its own ports)."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,19 +24,28 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_training_job(tmp_path):
     gcs, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    # every port of its own, so the test never collides with another Ray on the machine
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    # Ray 2.60 clusters require a token; the CLI only sends it (from ~/.ray/auth_token) in token mode
+    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     # --block keeps `ray start` in the foreground: terminating it stops exactly this cluster (no global `ray stop`)
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             f"--temp-dir={ray_tmp}", "--disable-usage-stats", *ports],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
         for _ in range(120):  # the job server answers a few seconds after start
+            assert head.poll() is None, "`ray start --head` exited"
             if subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
                 break
             time.sleep(1)
+        else:
+            pytest.fail("the Ray job server did not answer within 120 s")
         out = tmp_path / "run"
         job = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--", sys.executable, str(ROOT / "jobs" / "train_mtn.py"),
@@ -50,3 +61,4 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
