@@ -52,7 +52,8 @@ class Translator:
     def to(self, device=None, dtype=None) -> Translator:
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.source_encoder.to(**kw)
-        self.mtn.to(**kw)
+        # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast (even with no fp32-only modules)
+        torch.nn.Module.to(self.mtn, **kw)
         return self
 
     @torch.no_grad()
