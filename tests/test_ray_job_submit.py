@@ -1,6 +1,7 @@
 """`ray job submit -- python jobs/train_mtn.py` against a local `ray start --head` cluster (its own ports)."""
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -29,8 +30,10 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
         "node-manager-port", "object-manager-port", "ray-client-server-port")]
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    # Ray 2.60 clusters require a token; the CLI only sends it (from ~/.ray/auth_token) in token mode
-    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_AUTH_MODE": "token"}
+    # Ray 2.60 clusters require a token; the CLI only sends one in token mode. A token of the test's own, so a
+    # fresh HOME (no ~/.ray/auth_token) works too.
+    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     # --block keeps `ray start` in the foreground: terminating it stops exactly this cluster (no global `ray stop`)
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
