@@ -272,6 +272,8 @@ def train_loop_per_worker(config: dict):
             report(engine, state, metrics, rank)
     if bar:
         bar.close()
+    if tracker and tracker.mlflow.active_run():  # resumed at or past max_steps: nothing ran, close the run again
+        tracker.mlflow.end_run()
 
 
 # ----------------------------------------------------------------------------------------------- driver
