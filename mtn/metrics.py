@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mtn.losses import masked_mse
+
 
 def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype).unsqueeze(-1)  # [B, S, 1]
@@ -17,9 +19,7 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_mse(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> float:
-    sq = (pred.float() - true.float()).pow(2).mean(-1)  # [B, S]
-    m = mask.float()
-    return float((sq * m).sum() / m.sum().clamp_min(1.0))
+    return float(masked_mse(pred, true, mask))  # the training loss's own masked MSE, as a number
 
 
 def pooled_cosine(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> float:

@@ -287,6 +287,12 @@ def build_tiny_tokenizer(kind: str):
 # --------------------------------------------------------------------------- models
 
 
+def _bert_like(n_vocab: int, d: int, tok) -> dict:
+    """Shared sizes of the tiny BERT and XLM-R configs (2 layers, 2 heads, no dropout)."""
+    return dict(vocab_size=n_vocab, hidden_size=d, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
+
+
 def build_tiny_encoder(kind: str, seed: int = 0):
     """``(model, tokenizer)`` for kind in {"t5", "clip", "bert", "xlmr"}; weights from ``seed``."""
     import torch
@@ -332,36 +338,15 @@ def build_tiny_encoder(kind: str, seed: int = 0):
     elif kind == "bert":
         from transformers import BertConfig, BertModel
 
-        cfg = BertConfig(
-            vocab_size=n_vocab,
-            hidden_size=d,
-            intermediate_size=80,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=TINY_MAX_POSITIONS["bert"],
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            pad_token_id=tok.pad_token_id,
-        )
+        cfg = BertConfig(max_position_embeddings=TINY_MAX_POSITIONS["bert"], **_bert_like(n_vocab, d, tok))
         torch.manual_seed(seed)
         model = BertModel(cfg)
     elif kind == "xlmr":
         from transformers import XLMRobertaConfig, XLMRobertaModel
 
         # RoBERTa positions start after padding_idx: the table needs max_length + 2 rows.
-        cfg = XLMRobertaConfig(
-            vocab_size=n_vocab,
-            hidden_size=d,
-            intermediate_size=80,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=TINY_MAX_POSITIONS["xlmr"] + 2,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+        cfg = XLMRobertaConfig(max_position_embeddings=TINY_MAX_POSITIONS["xlmr"] + 2, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, **_bert_like(n_vocab, d, tok))
         torch.manual_seed(seed)
         model = XLMRobertaModel(cfg)
     else:  # build_tiny_tokenizer already rejected it
