@@ -4,8 +4,10 @@
     python jobs/train_mtn.py --config jobs/configs/multi30k.yaml source_lang=de max_steps=500
     ray job submit --working-dir . -- python jobs/train_mtn.py --config jobs/configs/xlmr_sd14.yaml
 
-Reads text (monolingual or parallel), runs the frozen source and target encoders on each batch, trains the
-MTN (+ token discriminator when loss_adv > 0), validates every `val_every` steps (token MSE, pooled cosine,
+Reads text (monolingual or parallel) and runs the frozen source and target encoders on each batch, or reads a
+feature cache from jobs/extract_features.py (`feature_cache`, checked against the config; no encoders loaded).
+Trains the MTN (+ token discriminator when loss_adv > 0), or fits a closed-form baseline (method=linear |
+pooled_linear, mtn/baselines.py); an MTN run also fits the linear map and reports its margin over it. It validates every `val_every` steps (token MSE, pooled cosine,
 R@1/R@5), checkpoints through `ray.train.report` (resumed after worker failures or when re-run with the same
 `name` and `storage_path`), logs to MLflow on rank 0, and writes the translator to `{output_dir}/translator`.
 """
@@ -23,8 +25,11 @@ from pathlib import Path
 
 import torch
 
+from mtn.baselines import fit_linear_map, fit_pooled_linear, predict
 from mtn.config import REPO_ROOT, TrainConfig, load_config
-from mtn.data import load_pairs, split_train_val
+from mtn.data import config_files, config_pairs
+from mtn.data.corpus import batch_indices
+from mtn.data.features import check_cache, encode_rows, expected_record, load_features, read_manifest
 from mtn.encoders import load_text_encoder
 from mtn.errors import MTNError
 from mtn.losses import mtn_losses
@@ -59,19 +64,26 @@ def setup_encoders(cfg: TrainConfig, device):
     return source, target
 
 
-def setup_data(cfg: TrainConfig):
-    pairs = load_pairs(cfg.source_file, cfg.target_file, cfg.corpus)
-    if cfg.val_source_file:
-        train, val = pairs, load_pairs(cfg.val_source_file, cfg.val_target_file)[: cfg.max_val_samples]
-    else:
-        train, val = split_train_val(pairs, cfg.val_fraction, cfg.seed, cfg.max_val_samples)
-    return train[: cfg.max_train_samples] if cfg.max_train_samples else train, val
+def setup_features(cfg: TrainConfig, device):
+    """-> (train rows or pairs, val rows, encoders or None, encoder specs). With a feature cache nothing is
+    encoded: rows are [N, S, d] tensors; otherwise train stays text and each batch is encoded on the fly."""
+    if cfg.feature_cache:
+        manifest = read_manifest(cfg.feature_cache)  # the driver already checked it against this config
+        train = load_features(cfg.feature_cache, manifest)
+        val = load_features(cfg.val_feature_cache) if cfg.val_feature_cache else None
+        specs = {side: {**manifest[side], "hidden_size": manifest[f"{side.split('_')[0]}_dim"]}
+                 for side in ("source_encoder", "target_encoder")}
+        return train, val, None, specs
+    source, target = setup_encoders(cfg, device)
+    train_pairs, val_pairs = config_pairs(cfg)
+    val = encode_rows(source, target, val_pairs) if val_pairs else None
+    return train_pairs, val, (source, target), {"source_encoder": source.spec(), "target_encoder": target.spec()}
 
 
 def build_mtn(cfg: TrainConfig, source_dim: int, target_dim: int) -> ModelTranslationNetwork:
     dims = dict(source_dim=source_dim, target_dim=target_dim, source_len=cfg.source_max_length,
                 target_len=cfg.target_max_length, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,
-                with_decoder=bool(cfg.loss_rec or cfg.loss_cycle))
+                with_decoder=bool(cfg.loss_rec or cfg.loss_cycle), target_stats=cfg.target_stats)
     if cfg.num_modules is not None:
         return ModelTranslationNetwork(num_modules=cfg.num_modules, **dims)
     return ModelTranslationNetwork.from_named_size(cfg.mtn_size, **dims)
@@ -107,11 +119,14 @@ def lr_scheduler(cfg: TrainConfig) -> dict:
                                            "warmup_num_steps": warmup, "warmup_type": "linear"}}
 
 
-def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch: int):
+def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch: int, stats_rows=None):
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     mtn = build_mtn(cfg, source_dim, target_dim)
+    if cfg.target_stats:  # same rows on every rank -> same statistics (a resumed run loads them back anyway)
+        mtn.set_target_stats(stats_rows()["target"][: cfg.baseline_samples],
+                             stats_rows()["target_mask"][: cfg.baseline_samples] if cfg.mse_on_mask else None)
     disc = TokenDiscriminator(target_dim, cfg.disc_hidden_dim)
     module = MTNTrainModule(mtn, disc, cfg.loss_weights, cfg.mse_on_mask)
     params = [p for name, p in module.named_parameters() if cfg.loss_adv or not name.startswith("disc.")]
@@ -121,44 +136,55 @@ def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch
 
 
 # ----------------------------------------------------------------------------------------------- data
-def batches(train_pairs, per_worker: int, rank: int, world: int, seed: int, start_step: int):
-    """Deterministic per-epoch shuffles; rank r takes every world-th sample. Resumes at `start_step`."""
-    per_rank = len(train_pairs) // world
-    steps_per_epoch = per_rank // per_worker
-    if steps_per_epoch < 1:
-        raise MTNError(f"{len(train_pairs)} training pairs are fewer than one global batch "
-                       f"({per_worker * world}); lower batch_size or add data")
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed + epoch))
-        mine = perm[rank::world][:per_rank].tolist()
-        for i in range(offset * per_worker, steps_per_epoch * per_worker, per_worker):
-            yield [train_pairs[j] for j in mine[i:i + per_worker]]
-            step += 1
+def train_rows(train, encoders, idx, full_target: bool) -> dict:
+    """One local batch as rows: sliced from the cache, or encoded now from text."""
+    if encoders is None:
+        return {k: v[idx] for k, v in train.items()}
+    with torch.no_grad():
+        # the MTN masks padded source positions, so the source LM stops at the batch's longest caption
+        return encode_rows(*encoders, [train[i] for i in idx.tolist()], full_target=full_target, batch_size=len(idx))
+
+
+def baseline_rows(cfg: TrainConfig, train, encoders) -> dict:
+    """Training rows for a closed-form fit: the whole cache, or the first `baseline_samples` pairs encoded."""
+    if encoders is None:
+        return train
+    return encode_rows(*encoders, train[: cfg.baseline_samples], full_target=not cfg.mse_on_mask)
 
 
 @torch.no_grad()
-def encode_pairs(source, target, pairs, batch_size: int = 64):
-    out = [[], [], [], []]
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        feats = (*source([s for s, _ in chunk], zero_pad=True), *target([t for _, t in chunk], zero_pad=True))
-        for lst, t in zip(out, feats, strict=False):  # metrics only read real target tokens, so zero_pad is exact here
-            lst.append(t.cpu())
-    return [torch.cat(x) for x in out]  # src [N,S_s,d_s], src_mask [N,S_s], tgt [N,S_t,d_t], tgt_mask [N,S_t]
-
-
-@torch.no_grad()
-def validate(engine, val_feats, dtype, batch_size: int = 128) -> dict:
+def validate(engine, val, dtype, batch_size: int = 128) -> dict:
     """Every rank runs the whole (small) val set: under ZeRO-3 the forward is collective."""
     engine.module.eval()
-    src, src_m, tgt, tgt_m = val_feats
-    dev = engine.device
+    src, src_m, dev = val["source"], val["source_mask"], engine.device
     preds = [engine.module.mtn.encode(src[i:i + batch_size].to(dev, dtype), src_m[i:i + batch_size].to(dev)).float().cpu()
              for i in range(0, len(src), batch_size)]
     engine.module.train()
-    return {f"val/{k}": v for k, v in alignment_metrics(torch.cat(preds), tgt, tgt_m).items()}
+    return {f"val/{k}": v for k, v in alignment_metrics(torch.cat(preds), val["target"], val["target_mask"]).items()}
+
+
+def fit_baseline(cfg: TrainConfig, method: str, rows: dict, val: dict | None):
+    """Closed-form fit on rank 0 -> (model, {val/...} metrics)."""
+    if method == "linear":
+        model = fit_linear_map(rows, cfg.ridge_alpha, on_mask=cfg.mse_on_mask,
+                               progress=lambda i, n: print(f"linear map: ALS pass {i}/{n}"))
+    else:
+        model = fit_pooled_linear(rows, cfg.ridge_alpha)
+    metrics = {} if val is None else {f"val/{k}": v for k, v in alignment_metrics(
+        predict(model, val), val["target"], val["target_mask"]).items()}
+    return model, metrics
+
+
+def linear_margin(cfg: TrainConfig, rows: dict, val: dict | None, metrics: dict) -> dict:
+    """The MTN's margin over the linear map on the same data: positive = the MTN is better."""
+    if val is None or "val/token_mse" not in metrics:
+        return {}
+    _, lin = fit_baseline(cfg, "linear", rows, val)
+    out = {f"val/linear_{k.removeprefix('val/')}": v for k, v in lin.items()}
+    out["val/margin_token_mse_pct"] = 100.0 * (1.0 - metrics["val/token_mse"] / lin["val/token_mse"])
+    out["val/margin_pooled_cosine"] = metrics["val/pooled_cosine"] - lin["val/pooled_cosine"]
+    out["val/margin_r@1"] = metrics["val/r@1"] - lin["val/r@1"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -173,25 +199,32 @@ def load_checkpoint(engine) -> dict:
         return json.loads((Path(d) / STATE_FILE).read_text())
 
 
-def export_translator(engine, source, target, cfg: TrainConfig, state: dict, out_dir: Path, rank: int):
+def save_translator(model, encoders, specs: dict, cfg: TrainConfig, state: dict, out_dir: Path):
+    from mtn.translator import BUNDLED_ENCODER, save_translator_folder
+
+    bundle = cfg.bundle_source_encoder and encoders is not None
+    if bundle:
+        encoders[0].save(out_dir / BUNDLED_ENCODER)
+    training = {"config": cfg.to_dict(), "method": cfg.method, "steps": state["step"],
+                "final_metrics": state.get("final_metrics")}
+    save_translator_folder(out_dir, model, {**specs, "bundled_source_encoder": bundle}, training)
+
+
+def export_translator(engine, encoders, specs, cfg: TrainConfig, state: dict, out_dir: Path, rank: int):
     """Gather the (possibly ZeRO-3 sharded) MTN weights and, on rank 0, save the translator folder."""
     import deepspeed
-
-    from mtn.translator import Translator
 
     mtn = engine.module.mtn
     with deepspeed.zero.GatheredParameters(list(mtn.parameters()), modifier_rank=None):
         if rank == 0:
             clean = ModelTranslationNetwork.from_config(mtn.config)
             clean.load_state_dict({k: v.detach().float().cpu() for k, v in mtn.state_dict().items()})
-            training = {"config": cfg.to_dict(), "steps": state["step"], "final_metrics": state.get("final_metrics")}
-            Translator(source, clean, {"target_encoder": target.spec()}).save(
-                out_dir, bundle_source_encoder=cfg.bundle_source_encoder, training=training)
+            save_translator(clean, encoders, specs, cfg, state, out_dir)
 
 
-def write_final_artifacts(tmp: Path, engine, source, target, cfg, state, metrics, rank, tracker):
+def write_final_artifacts(tmp: Path, engine, encoders, specs, cfg, state, metrics, rank, tracker):
     """Into the final checkpoint: translator/, loss_curve.png, metrics.json; and the same to MLflow."""
-    export_translator(engine, source, target, cfg, state, tmp / "translator", rank)
+    export_translator(engine, encoders, specs, cfg, state, tmp / "translator", rank)
     if rank == 0:
         save_loss_curve(state["history"], tmp / "loss_curve.png")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -203,7 +236,8 @@ def report(engine, state: dict, metrics: dict, rank: int, final_extra=None):
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
+        if engine is not None:
+            engine.save_checkpoint(tmp, tag=DS_TAG)
         if final_extra is not None:
             final_extra(Path(tmp))
         if rank == 0:
@@ -212,6 +246,26 @@ def report(engine, state: dict, metrics: dict, rank: int, final_extra=None):
 
 
 # ----------------------------------------------------------------------------------------------- loop
+def baseline_per_worker(cfg: TrainConfig, train, val, encoders, specs, rank: int):
+    """method=linear | pooled_linear: a closed-form fit on rank 0, reported like a finished training run."""
+    state, metrics = {"step": 1, "history": [], "mlflow_run_id": None}, {"step": 1}
+
+    def finish(tmp: Path):
+        nonlocal metrics
+        if rank != 0:
+            return
+        tracker = MLflowTracker(cfg)
+        model, val_metrics = fit_baseline(cfg, cfg.method, baseline_rows(cfg, train, encoders), val)
+        metrics.update(val_metrics)
+        state.update(final_metrics=val_metrics, mlflow_run_id=tracker.run_id)
+        save_translator(model, encoders, specs, cfg, state, tmp / "translator")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.log_metrics(metrics, 1)
+        tracker.finish(tmp / "translator", None, metrics)
+
+    report(None, state, metrics, rank, finish)
+
+
 def train_loop_per_worker(config: dict):
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
@@ -220,10 +274,13 @@ def train_loop_per_worker(config: dict):
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    source, target = setup_encoders(cfg, device)
-    train_pairs, val_pairs = setup_data(cfg)
+    train, val, encoders, specs = setup_features(cfg, device)
+    if cfg.method != "mtn":
+        return baseline_per_worker(cfg, train, val, encoders, specs, rank)
     per_worker = cfg.batch_size // world
-    engine = setup_engine(cfg, source.hidden_size, target.hidden_size, per_worker)
+    rows = functools.cache(lambda: baseline_rows(cfg, train, encoders))  # encoded at most once, if ever needed
+    engine = setup_engine(cfg, specs["source_encoder"]["hidden_size"], specs["target_encoder"]["hidden_size"],
+                          per_worker, rows)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     state = load_checkpoint(engine)
     if rank == 0 and state["step"]:
@@ -232,26 +289,24 @@ def train_loop_per_worker(config: dict):
     tracker = MLflowTracker(cfg, state["mlflow_run_id"]) if rank == 0 else None
     if tracker:
         state["mlflow_run_id"] = tracker.run_id
-    val_feats = encode_pairs(source, target, val_pairs) if val_pairs else None
 
     start = state["step"]
     bar = tqdm(total=cfg.max_steps, desc="train_mtn") if rank == 0 else None
     if bar:
         bar.update(start)  # tqdm_ray has no `initial`
     metrics = {}
-    for step, batch in enumerate(batches(train_pairs, per_worker, rank, world, cfg.seed, start), start=start + 1):
+    steps = batch_indices(len(train["source"]) if encoders is None else len(train), per_worker, rank, world,
+                          cfg.seed, start)
+    for step, idx in enumerate(steps, start=start + 1):
         if step > cfg.max_steps:
             break
-        with torch.no_grad():
-            # the MTN masks padded source positions, so the source LM stops at the batch's longest caption
-            src, src_m = source([s for s, _ in batch], zero_pad=True)  # [b, S_s, d_s], [b, S_s]
-            tgt, tgt_m = target([t for _, t in batch], zero_pad=cfg.mse_on_mask)  # [b, S_t, d_t], [b, S_t]
-        total, terms = engine(src.to(dtype), src_m, tgt.to(dtype), tgt_m)
+        b = train_rows(train, encoders, idx, full_target=not cfg.mse_on_mask)  # [b, S_s, d_s] ... [b, S_t]
+        total, terms = engine(b["source"].to(dtype), b["source_mask"], b["target"].to(dtype), b["target_mask"])
         engine.backward(total)
         engine.step()
         metrics = {"step": step, "train/loss": total.item(), **{f"train/{k}": float(v) for k, v in terms.items()}}
-        if val_feats is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
-            metrics.update(validate(engine, val_feats, dtype))
+        if val is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
+            metrics.update(validate(engine, val, dtype))
         state["step"] = step
         if tracker:
             if step % cfg.log_every == 0 or any(k.startswith("val/") for k in metrics) or step == start + 1:
@@ -263,10 +318,13 @@ def train_loop_per_worker(config: dict):
             if bar:
                 bar.close()  # before the final report, so the driver hears of it before Ray shuts down
                 bar = None
+            if rank == 0 and cfg.compare_linear:
+                metrics.update(linear_margin(cfg, rows(), val, metrics))
+                tracker.log_metrics({k: v for k, v in metrics.items() if "linear" in k or "margin" in k}, step)
             state["final_metrics"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
 
             report(engine, state, metrics, rank, functools.partial(
-                write_final_artifacts, engine=engine, source=source, target=target, cfg=cfg, state=state,
+                write_final_artifacts, engine=engine, encoders=encoders, specs=specs, cfg=cfg, state=state,
                 metrics=metrics, rank=rank, tracker=tracker))
         elif step % cfg.checkpoint_every == 0:
             report(engine, state, metrics, rank)
@@ -284,14 +342,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = prepare_config(args.config, args.overrides)
-        load_pairs(cfg.source_file, cfg.target_file, cfg.corpus)  # fail fast on bad data, before Ray starts
-        if cfg.val_source_file:
-            load_pairs(cfg.val_source_file, cfg.val_target_file)
+        train, val = config_pairs(cfg)  # fail fast on bad data, before Ray starts
+        if cfg.feature_cache:
+            check_feature_caches(cfg, train, val)
         result = run(cfg)
     except MTNError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if result else 1
+
+
+def check_feature_caches(cfg: TrainConfig, train: list, val: list) -> None:
+    """Refuse a cache extracted with other encoders, lengths, prefixes or another corpus (never use it silently)."""
+    check_cache(cfg.feature_cache, expected_record(cfg, train, config_files(cfg, "train")))
+    if val and not cfg.val_feature_cache:
+        raise MTNError("config: feature_cache is set but val_feature_cache is not; extract both with "
+                       "jobs/extract_features.py (or set max_val_samples=0 to skip validation)")
+    if val:
+        check_cache(cfg.val_feature_cache, expected_record(cfg, val, config_files(cfg, "val")))
+    if cfg.bundle_source_encoder:
+        print("note: training from a feature cache loads no source encoder, so the translator will reference "
+              f"{cfg.source_encoder} instead of bundling it")
 
 
 def prepare_config(path, overrides) -> TrainConfig:
@@ -360,6 +431,8 @@ def publish(cfg: TrainConfig, result) -> dict | None:
         state = json.loads((d / STATE_FILE).read_text())
         fs, root = fsspec.core.url_to_fs(cfg.output_dir)
         for name in ("translator", "loss_curve.png", "metrics.json"):
+            if not (d / name).exists():  # baselines have no loss curve
+                continue
             if "://" in cfg.output_dir:
                 fs.put(str(d / name), f"{root}/{name}", recursive=True)
             elif (d / name).is_dir():
@@ -371,8 +444,8 @@ def publish(cfg: TrainConfig, result) -> dict | None:
                "metrics": f"{cfg.output_dir}/metrics.json", "checkpoint": result.checkpoint.path,
                "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_experiment": cfg.mlflow_experiment,
                "mlflow_run_id": state.get("mlflow_run_id"), "steps": state["step"]}
-    lines = ["", "== train_mtn finished =="] + [f"  {k:20s} {v}" for k, v in summary.items()]
-    lines += [f"  {k:20s} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")]
+    lines = ["", "== train_mtn finished =="] + [f"  {k:26s} {v}" for k, v in summary.items()]
+    lines += [f"  {k:26s} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")]
     lines += [f"  browse runs with:    mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}", ""]
     # sys.stdout, not print: Ray's progress-bar manager patches print() to redraw bars around each line
     sys.stdout.write("\n".join(lines))

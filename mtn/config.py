@@ -48,13 +48,27 @@ class TrainConfig:
     val_fraction: float = 0.05
     max_val_samples: int = 1000
     max_train_samples: int | None = None
-    source_lang: str = ""  # used by path templates ({source_lang})
+    source_lang: str = ""  # used by path templates ({source_lang}); "all" = every language in `languages`
+    languages: str = ""  # comma list that source_lang=all stands for: *_file paths become one file per language
+    # --- feature cache (jobs/extract_features.py writes it; train_mtn reads it and then never loads the encoders)
+    feature_cache: str | None = None  # features of the training pairs: local folder or s3://
+    val_feature_cache: str | None = None  # features of the val pairs (val_*_file, or the val split)
+    feature_dtype: str = "float16"  # float16 | bfloat16
+    extract_workers: int = 2  # Ray Data encoder actors
+    extract_batch_size: int = 64
+    extract_shard_rows: int = 2048
+    extract_gpus_per_worker: float = 0.0
     data_root: str = "${MTN_SHARED_DATA:-" + str(REPO_ROOT.parent / "shared" / "data") + "}"
-    # --- model
+    # --- model: the MTN, or a baseline fitted in closed form (mtn/baselines.py) for comparison
+    method: str = "mtn"  # mtn | linear | pooled_linear
+    ridge_alpha: float = 1.0  # L2 of the linear baselines (in units of the mean squared feature)
+    compare_linear: bool = True  # also fit the linear map on the training data and report the MTN's margin
+    baseline_samples: int = 4096  # without a feature cache, fit it on this many encoded training pairs
     mtn_size: str = "mtn-3rm"
     num_modules: int | None = None  # overrides the named size
     hidden_dim: int | None = None
     dropout: float = 0.0
+    target_stats: bool = False  # M outputs shift + scale * body with per-position target statistics
     disc_hidden_dim: int = 256
     # --- losses (0 switches a term off; see mtn/losses.py for the defaults' reasons)
     loss_mse: float = 1.0
@@ -103,6 +117,13 @@ class TrainConfig:
              "val_every, checkpoint_every and log_every must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
             (self.lr > 0, "lr must be > 0"),
+            (self.method in ("mtn", "linear", "pooled_linear"),
+             f"method must be mtn|linear|pooled_linear, got {self.method!r}"),
+            (self.feature_dtype in ("float16", "bfloat16"), f"feature_dtype must be float16|bfloat16, "
+                                                             f"got {self.feature_dtype!r}"),
+            (min(self.extract_workers, self.extract_batch_size, self.extract_shard_rows) >= 1,
+             "extract_workers, extract_batch_size and extract_shard_rows must be >= 1"),
+            (self.ridge_alpha >= 0, "ridge_alpha must be >= 0"),
             (min(self.loss_mse, self.loss_adv, self.loss_rec, self.loss_cycle) >= 0, "loss weights must be >= 0"),
             (max(self.loss_mse, self.loss_adv, self.loss_rec, self.loss_cycle) > 0, "all loss weights are 0"),
             (bool(self.corpus) != bool(self.source_file or self.target_file),
@@ -151,9 +172,17 @@ def _coerce(name: str, value, annotation):
 
 
 def _resolve(raw: dict) -> dict:
-    """Expand ${ENV:-default}, then {field} references (a few rounds for chains), then ~ in strings."""
+    """Expand ${ENV:-default}, then {field} references (a few rounds for chains), then ~ in strings.
+    With source_lang=all, a *_file path with {source_lang} becomes a comma list of one path per language."""
     out = {k: _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), v) if isinstance(v, str) else v
            for k, v in raw.items()}
+    if out.get("source_lang") == "all":
+        langs = [x.strip() for x in str(out.get("languages") or "").split(",") if x.strip()]
+        if not langs:
+            raise MTNError("config: source_lang=all needs `languages` (e.g. languages: de,fr,cs)")
+        for k, v in out.items():
+            if k.endswith("_file") and isinstance(v, str) and "{source_lang}" in v:
+                out[k] = ",".join(v.replace("{source_lang}", lang) for lang in langs)
     for _ in range(4):
         fmt = {k: ("" if v is None else v) for k, v in out.items()}
         try:

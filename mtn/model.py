@@ -99,6 +99,10 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
         num_modules: residual modules K in each of M and N (3 or 5 in the paper, see NAMED_SIZES).
         hidden_dim: width of M's body (default d_s); N's body uses `decoder_hidden_dim` (default d_t).
         with_decoder: False drops N (inference checkpoints can be smaller; training needs it for L_rec).
+        target_stats: M's output is `shift + scale * body` with per-position target statistics (buffers
+            `target_shift` [S_t, d_t], `target_scale` [S_t, 1], set from data by `set_target_stats`): M starts
+            at the mean target and its body works in normalised units (GlueGen normalises targets per position);
+            N sees targets normalised the same way.
     """
 
     @register_to_config
@@ -114,6 +118,7 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
         mult: int = 2,
         dropout: float = 0.0,
         with_decoder: bool = True,
+        target_stats: bool = False,
     ):
         super().__init__()
         for name, v in dict(source_dim=source_dim, target_dim=target_dim, source_len=source_len,
@@ -124,6 +129,28 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
                                        hidden_dim, mult, dropout)
         self.decoder = (MixerTranslator(target_dim, target_len, source_dim, source_len, num_modules,
                                         decoder_hidden_dim, mult, dropout) if with_decoder else None)
+        if target_stats:
+            self.register_buffer("target_shift", torch.zeros(target_len, target_dim))  # [S_t, d_t]
+            self.register_buffer("target_scale", torch.ones(target_len, 1))  # [S_t, 1]
+
+    @torch.no_grad()
+    def set_target_stats(self, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Per-position mean and RMS spread of target features [N, S_t, d_t] (positions with no valid row keep
+        the global statistics)."""
+        if not self.config.target_stats:
+            raise MTNError("this MTN was built with target_stats=False")
+        t = target.float()
+        m = torch.ones(t.shape[:2]) if mask is None else mask.float()  # [N, S_t]
+        n = m.sum(0).unsqueeze(-1)  # [S_t, 1]
+        mean = torch.einsum("ns,nsd->sd", m, t) / n.clamp_min(1.0)  # [S_t, d_t]
+        var = torch.einsum("ns,nsd->s", m, (t - mean).pow(2)) / (n.squeeze(-1) * t.shape[-1]).clamp_min(1.0)
+        global_mean = (t * m.unsqueeze(-1)).sum((0, 1)) / m.sum().clamp_min(1.0)  # [d_t]
+        empty = n.squeeze(-1) == 0
+        mean[empty] = global_mean
+        std = var.sqrt().clamp_min(1e-4)
+        std[empty] = std[~empty].mean() if (~empty).any() else 1.0
+        self.target_shift.copy_(mean)
+        self.target_scale.copy_(std.unsqueeze(-1))
 
     @classmethod
     def from_named_size(cls, size: str, **kwargs) -> ModelTranslationNetwork:
@@ -138,13 +165,18 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
     def encode(self, source: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """M: [B, S_s, d_s] (+ mask [B, S_s]) -> [B, S_t, d_t]."""
         self._check(source, self.config.source_dim, self.config.source_len, "source")
-        return self.encoder(source, mask)
+        out = self.encoder(source, mask)  # [B, S_t, d_t]
+        if self.config.target_stats:
+            out = out * self.target_scale + self.target_shift  # back to raw target units
+        return out
 
     def decode(self, target: torch.Tensor) -> torch.Tensor:
         """N: [B, S_t, d_t] -> [B, S_s, d_s]."""
         if self.decoder is None:
             raise MTNError("this MTN was built with with_decoder=False; decode() is unavailable")
         self._check(target, self.config.target_dim, self.config.target_len, "target")
+        if self.config.target_stats:
+            target = (target - self.target_shift) / self.target_scale  # [B, S_t, d_t], normalised
         return self.decoder(target)
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,8 +36,9 @@ class MLflowTracker:
         clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if k != "step"}
         self.mlflow.log_metrics(clean, step=step)
 
-    def finish(self, translator_dir: Path, plot: Path, final_metrics: dict) -> None:
-        self.mlflow.log_artifact(str(plot))
+    def finish(self, translator_dir: Path, plot: Path | None, final_metrics: dict) -> None:
+        if plot is not None:
+            self.mlflow.log_artifact(str(plot))
         self.mlflow.log_artifacts(str(translator_dir), artifact_path="translator")
         self.mlflow.log_dict(final_metrics, "metrics.json")
         self.mlflow.end_run()

@@ -25,6 +25,12 @@ from mtn.encoders import FrozenTextEncoder, load_text_encoder
 from mtn.errors import MTNError
 from mtn.model import ModelTranslationNetwork
 
+
+def _model_classes() -> dict:
+    from mtn.baselines import LinearTranslationMap, PooledLinearMap
+
+    return {c.__name__: c for c in (ModelTranslationNetwork, LinearTranslationMap, PooledLinearMap)}
+
 FORMAT = "mtn-translator"
 VERSION = 1
 MANIFEST = "translator.json"
@@ -36,7 +42,8 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 class Translator:
     """Runs the source LM and the MTN encoder: prompts -> [B, S_t, d_t] embeddings for `prompt_embeds`."""
 
-    def __init__(self, source_encoder: FrozenTextEncoder, mtn: ModelTranslationNetwork, manifest: dict | None = None):
+    def __init__(self, source_encoder: FrozenTextEncoder, mtn, manifest: dict | None = None):
+        """`mtn`: a ModelTranslationNetwork, or a baseline from mtn.baselines (same encode interface)."""
         if source_encoder.hidden_size != mtn.config.source_dim or source_encoder.max_length != mtn.config.source_len:
             raise MTNError(
                 f"source encoder gives [*, {source_encoder.max_length}, {source_encoder.hidden_size}] but the MTN "
@@ -77,18 +84,25 @@ class Translator:
 
     def save(self, path: str | Path, bundle_source_encoder: bool = False, training: dict | None = None) -> Path:
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.mtn.save_pretrained(path / MTN_SUBFOLDER)
         if bundle_source_encoder:
             self.source_encoder.save(path / BUNDLED_ENCODER)
-        manifest = {**self.manifest, "format": FORMAT, "version": VERSION,
-                    "source_encoder": self.source_encoder.spec(),
-                    "bundled_source_encoder": bool(bundle_source_encoder)}
-        if training is not None:
-            manifest["training"] = training
-        (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        self.manifest = manifest
+        self.manifest = save_translator_folder(path, self.mtn, {**self.manifest, "source_encoder": self.source_encoder.spec(),
+                                               "bundled_source_encoder": bool(bundle_source_encoder)}, training)
         return path
+
+
+def save_translator_folder(path: str | Path, model, manifest: dict, training: dict | None = None) -> dict:
+    """Write the model + translator.json without a loaded source LM (what a job trained from cached features
+    has): `manifest` names source_encoder and target_encoder specs (name_or_path, max_length, prefix, ...)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path / MTN_SUBFOLDER)
+    manifest = {"bundled_source_encoder": False, **manifest, "format": FORMAT, "version": VERSION,
+                "model_class": type(model).__name__}
+    if training is not None:
+        manifest["training"] = training
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -126,5 +140,9 @@ def load_translator(path: str | Path, device: str | torch.device = "cpu", dtype:
         source_encoder = load_text_encoder(where, max_length=spec["max_length"], prefix=spec.get("prefix", ""),
                                            subfolder=None if where != spec["name_or_path"] else spec.get("subfolder"),
                                            device=device)
-    mtn = ModelTranslationNetwork.from_pretrained(path / MTN_SUBFOLDER)
+    classes = _model_classes()
+    name = manifest.get("model_class", "ModelTranslationNetwork")
+    if name not in classes:
+        raise MTNError(f"{path / MANIFEST}: unknown model_class {name!r} (known: {', '.join(classes)})")
+    mtn = classes[name].from_pretrained(path / MTN_SUBFOLDER)
     return Translator(source_encoder, mtn, manifest).to(device=device, dtype=dtype)

@@ -41,26 +41,34 @@ def test_split_is_deterministic_and_disjoint():
     assert split_train_val(pairs, 0.1, seed=3, max_val=4)[1] == va[:4]
 
 
-def test_s3_corpus_through_fsspec(tmp_path, monkeypatch):
+def test_s3_corpus_through_fsspec(s3_endpoint):
     """Parallel files on S3 (moto's server on loopback), read through the same code path as local files."""
-    moto_server = pytest.importorskip("moto.server")
     import boto3
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            monkeypatch.setenv(k, v)
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="corpora")
-        s3.put_object(Bucket="corpora", Key="train.de", Body=b"ein Hund\nzwei Katzen\n")
-        s3.put_object(Bucket="corpora", Key="train.en", Body=gzip.compress(b"a dog\ntwo cats\n"))
-        s3.put_object(Bucket="corpora", Key="train.en.gz", Body=gzip.compress(b"a dog\ntwo cats\n"))
-        pairs = load_pairs("s3://corpora/train.de", "s3://corpora/train.en.gz")
-        assert pairs == [("ein Hund", "a dog"), ("zwei Katzen", "two cats")]
-        with pytest.raises(MTNError, match="not found"):
-            load_pairs(corpus="s3://corpora/nope.txt")
-    finally:
-        server.stop()
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="corpora")
+    s3.put_object(Bucket="corpora", Key="train.de", Body=b"ein Hund\nzwei Katzen\n")
+    s3.put_object(Bucket="corpora", Key="train.en.gz", Body=gzip.compress(b"a dog\ntwo cats\n"))
+    pairs = load_pairs("s3://corpora/train.de", "s3://corpora/train.en.gz")
+    assert pairs == [("ein Hund", "a dog"), ("zwei Katzen", "two cats")]
+    with pytest.raises(MTNError, match="not found"):
+        load_pairs(corpus="s3://corpora/nope.txt")
+
+
+def test_multilingual_file_lists_interleave(tmp_path):
+    for lang, lines in {"de": "Hund\nKatze\n", "fr": "chien\nchat\n", "en": "dog\ncat\n"}.items():
+        (tmp_path / f"t.{lang}").write_text(lines)
+    pairs = load_pairs(f"{tmp_path}/t.de,{tmp_path}/t.fr", str(tmp_path / "t.en"))
+    assert pairs == [("Hund", "dog"), ("chien", "dog"), ("Katze", "cat"), ("chat", "cat")]
+
+
+def test_source_lang_all_expands_file_templates():
+    from mtn.config import load_config
+
+    cfg = load_config(None, {"source_lang": "all", "languages": "de,fr", "data_root": "/d", "corpus": None,
+                             "source_file": "{data_root}/train.{source_lang}", "target_file": "{data_root}/train.en",
+                             "name": "run-{source_lang}"})
+    assert cfg.source_file == "/d/train.de,/d/train.fr" and cfg.target_file == "/d/train.en"
+    assert cfg.name == "run-all"
+    with pytest.raises(MTNError, match="needs `languages`"):
+        load_config(None, {"source_lang": "all", "languages": ""})

@@ -80,3 +80,20 @@ def test_discriminator_tokenwise():
     torch.manual_seed(0)
     d = TokenDiscriminator(16, hidden_dim=8)
     assert d(torch.randn(3, 10, 16)).shape == (3, 10)
+
+
+def test_target_stats_start_at_the_mean_target_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    target = torch.randn(64, 5, 4) * torch.arange(1, 6).view(1, 5, 1) + 3.0  # [N, S_t, d_t], per-position scale
+    mask = torch.ones(64, 5)
+    mask[:, -1] = 0  # the last position never holds a real token
+    mtn = ModelTranslationNetwork(source_dim=6, target_dim=4, source_len=3, target_len=5, num_modules=1,
+                                  target_stats=True)
+    mtn.set_target_stats(target, mask)
+    torch.testing.assert_close(mtn.target_shift[:4], target[:, :4].mean(0))
+    assert mtn.target_scale[0, 0] < mtn.target_scale[3, 0]  # spread grows with the position here
+    mtn.save_pretrained(tmp_path / "m")
+    again = ModelTranslationNetwork.from_pretrained(tmp_path / "m")
+    src = torch.randn(2, 3, 6)
+    assert torch.equal(again.encode(src), mtn.encode(src))
+    assert torch.equal(again.target_shift, mtn.target_shift)

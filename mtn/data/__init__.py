@@ -1,3 +1,3 @@
-from mtn.data.corpus import load_pairs, read_lines, split_train_val
+from mtn.data.corpus import config_files, config_pairs, load_pairs, read_lines, split_train_val
 
-__all__ = ["load_pairs", "read_lines", "split_train_val"]
+__all__ = ["config_files", "config_pairs", "load_pairs", "read_lines", "split_train_val"]

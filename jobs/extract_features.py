@@ -1,0 +1,127 @@
+"""Run the frozen source and target encoders once over a corpus and write a feature cache (Ray Data).
+
+    python jobs/extract_features.py                                        # local.yaml: tiny encoders, CPU
+    python jobs/extract_features.py --config jobs/configs/multi30k.yaml source_lang=de
+    ray job submit --working-dir . -- python jobs/extract_features.py --config ... extract_gpus_per_worker=1
+
+Reads the same config as jobs/train_mtn.py: the encoders, the corpus (train + val pairs, exactly as training would
+split them) and `feature_cache` / `val_feature_cache` (local folders or s3://). Encoders run as a Ray Data actor
+pool of `extract_workers` actors (`cpus_per_worker` CPUs or `extract_gpus_per_worker` GPUs each); shards are written
+by the Ray Data tasks that receive them, and the manifest last. Then train with the same config:
+
+    python jobs/train_mtn.py --config jobs/configs/multi30k.yaml source_lang=de   # finds the caches, no encoders
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from mtn.config import REPO_ROOT, TrainConfig, load_config
+from mtn.data import config_files, config_pairs
+from mtn.data.features import clear_cache, expected_record, write_manifest, write_shard
+from mtn.errors import MTNError
+
+DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
+
+
+class EncodePairs:
+    """Ray Data actor: loads both frozen encoders once, then maps text batches to token features."""
+
+    def __init__(self, cfg: dict, threads: int):
+        from mtn.encoders import load_text_encoder
+
+        torch.set_num_threads(max(1, threads))
+        cfg = TrainConfig(**cfg)
+        device = "cuda" if cfg.extract_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        kw = dict(dtype=cfg.encoder_dtype, device=device)
+        self.source = load_text_encoder(cfg.source_encoder, cfg.source_max_length, cfg.source_prefix,
+                                        cfg.source_subfolder, **kw)
+        self.target = load_text_encoder(cfg.target_encoder, cfg.target_max_length, cfg.target_prefix,
+                                        cfg.target_subfolder, **kw)
+        # numpy has no bfloat16: hand float32 to the writer, which casts; float16 travels as float16
+        self.np_dtype = np.float16 if cfg.feature_dtype == "float16" else np.float32
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        src, src_m = self.source(list(batch["source"]), zero_pad=True)  # [b, S_s, d_s], [b, S_s]; pads are 0
+        tgt, tgt_m = self.target(list(batch["target"]), zero_pad=False)  # [b, S_t, d_t]: every position, as the UNet
+        return {"index": batch["index"],
+                "source": src.float().cpu().numpy().astype(self.np_dtype), "source_mask": src_m.cpu().numpy(),
+                "target": tgt.float().cpu().numpy().astype(self.np_dtype), "target_mask": tgt_m.cpu().numpy()}
+
+
+def write_shards(batch: dict[str, np.ndarray], url: str, dtype: str) -> dict[str, np.ndarray]:
+    rows = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}  # a writable copy
+    entry = write_shard(url, rows, getattr(torch, dtype))
+    return {"file": np.array([entry["file"]]), "rows": np.array([entry["rows"]]),
+            "source_dim": np.array([batch["source"].shape[-1]]), "target_dim": np.array([batch["target"].shape[-1]])}
+
+
+def extract(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, record: dict) -> dict:
+    """Encode `pairs` with a Ray Data actor pool into the cache at `url`; returns the manifest."""
+    import ray.data
+
+    clear_cache(url)  # a re-extraction must not mix with an older cache's shards
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.verbose_progress = False
+    items = [{"index": i, "source": s, "target": t} for i, (s, t) in enumerate(pairs)]
+    blocks = max(1, min(len(items) // cfg.extract_batch_size, 200))  # finer blocks, finer progress
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    gpu = cfg.extract_gpus_per_worker
+    ds = ds.map_batches(EncodePairs, fn_constructor_kwargs={"cfg": cfg.to_dict(), "threads": cfg.cpus_per_worker},
+                        compute=ray.data.ActorPoolStrategy(size=cfg.extract_workers),
+                        batch_size=cfg.extract_batch_size, num_cpus=0 if gpu else cfg.cpus_per_worker,
+                        num_gpus=gpu or None)
+    # writers are light tasks (no CPU reserved) so they run beside the encoder actors instead of waiting for them
+    ds = ds.map_batches(write_shards, fn_kwargs={"url": url, "dtype": cfg.feature_dtype},
+                        batch_size=cfg.extract_shard_rows, num_cpus=0)
+    out = ds.take_all()
+    shards = [{"file": str(r["file"]), "rows": int(r["rows"])} for r in out]
+    if sum(s["rows"] for s in shards) != len(pairs):
+        raise MTNError(f"extraction wrote {sum(s['rows'] for s in shards)} rows for {len(pairs)} pairs")
+    dims = {"source_len": cfg.source_max_length, "target_len": cfg.target_max_length,
+            "source_dim": int(out[0]["source_dim"]), "target_dim": int(out[0]["target_dim"])}
+    return write_manifest(url, record, shards, dims, cfg.feature_dtype,
+                          extra={"source_zero_padded": True, "target_zero_padded": False})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. feature_cache=s3://b/f")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.feature_cache:
+            raise MTNError("config: set feature_cache=PATH (local folder or s3://) to say where features go")
+        train, val = config_pairs(cfg)
+        jobs = [(train, cfg.feature_cache, config_files(cfg, "train"))]
+        if cfg.val_feature_cache and val:
+            jobs.append((val, cfg.val_feature_cache, config_files(cfg, "val")))
+        records = [expected_record(cfg, pairs, files) for pairs, _, files in jobs]  # hashes encoders: fail early
+        import ray
+
+        if not ray.is_initialized():
+            address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+            need = cfg.extract_workers * cfg.cpus_per_worker
+            ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, need)}))
+        summary = []
+        for (pairs, url, _), record in zip(jobs, records, strict=True):
+            t0 = time.perf_counter()
+            manifest = extract(cfg, pairs, url, record)
+            summary.append(f"  {url}: {manifest['num_rows']} rows in {len(manifest['shards'])} shards, "
+                           f"{time.perf_counter() - t0:.1f} s")
+    except MTNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write("\n== extract_features finished ==\n" + "\n".join(summary) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Closed-form baselines an MTN must beat, with the MTN's interface (`encode(source, mask) -> [B, S_t, d_t]`).
+
+LinearTranslationMap: Y = P (X W) + B, a ridge map over channels (W [d_s, d_t]) and a sequence projection
+(P [S_t, S_s]) with a per-position bias (B [S_t, d_t]), fitted by alternating least squares (each block is a
+ridge regression given the others, so the loss never increases).
+PooledLinearMap (M-CLIP style): masked-mean-pooled source -> pooled target by ridge; the one predicted vector is
+repeated at every target position, so its token MSE shows what a pooled method loses.
+
+Both are diffusers ModelMixin/ConfigMixin models: save_pretrained/from_pretrained, and a translator folder holds
+them like an MTN (translator.json records `model_class`).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import nn
+
+from mtn.errors import MTNError
+
+CHUNK = 1024  # rows per pass: the cache is fp16, the normal equations accumulate in fp32 (fp64 for the solves)
+
+
+class LinearTranslationMap(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, source_dim: int, target_dim: int, source_len: int, target_len: int):
+        super().__init__()
+        self.channel = nn.Parameter(torch.zeros(source_dim, target_dim))  # W [d_s, d_t]
+        eye = torch.zeros(target_len, source_len)
+        eye[: min(target_len, source_len), : min(target_len, source_len)].fill_diagonal_(1.0)
+        self.sequence = nn.Parameter(eye)  # P [S_t, S_s]
+        self.bias = nn.Parameter(torch.zeros(target_len, target_dim))  # B [S_t, d_t]
+
+    def encode(self, source: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            source = source * mask.unsqueeze(-1).to(source.dtype)  # padded positions carry nothing, as in the MTN
+        u = source @ self.channel  # [B, S_s, d_t]
+        return torch.einsum("ts,bsd->btd", self.sequence, u) + self.bias  # [B, S_t, d_t]
+
+    forward = encode
+
+
+class PooledLinearMap(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, source_dim: int, target_dim: int, source_len: int, target_len: int):
+        super().__init__()
+        self.proj = nn.Linear(source_dim, target_dim)
+
+    def encode(self, source: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        m = (torch.ones(source.shape[:2], device=source.device) if mask is None else mask).to(source.dtype)
+        pooled = (source * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # [B, d_s]
+        return self.proj(pooled).unsqueeze(1).expand(-1, self.config.target_len, -1)  # [B, S_t, d_t]
+
+    forward = encode
+
+
+# ----------------------------------------------------------------------------------------------- fitting
+def _chunks(feats: dict, n: int | None = None):
+    n = len(feats["source"]) if n is None else n
+    for i in range(0, n, CHUNK):
+        yield (feats["source"][i:i + CHUNK].float(), feats["source_mask"][i:i + CHUNK].float(),
+               feats["target"][i:i + CHUNK].float(), feats["target_mask"][i:i + CHUNK].float())
+
+
+def _ridge(gram: torch.Tensor, rhs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Solve (G + alpha * mean(diag G) I) X = R in float64; alpha is relative to the mean feature energy."""
+    g = gram.double()
+    lam = alpha * g.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # [] or [T]
+    eye = torch.eye(g.shape[-1], dtype=g.dtype)
+    return torch.linalg.solve(g + lam[..., None, None] * eye, rhs.double()).float()
+
+
+@torch.no_grad()
+def fit_linear_map(feats: dict, alpha: float = 1e-3, iters: int = 5, on_mask: bool = True,
+                   progress=None) -> LinearTranslationMap:
+    """ALS for Y ~ P (X W) + B on feature-cache rows (source, source_mask, target, target_mask)."""
+    n, s_len, d_s = feats["source"].shape
+    _, t_len, d_t = feats["target"].shape
+    if n < 2:
+        raise MTNError(f"the linear baseline needs at least 2 training rows, got {n}")
+    model = LinearTranslationMap(d_s, d_t, s_len, t_len)
+    W, P, B = model.channel.data, model.sequence.data, model.bias.data
+    for it in range(iters):
+        # W-step: rows of Z = P X (per target position) regress Y - B over channels
+        gram, rhs = torch.zeros(d_s, d_s), torch.zeros(d_s, d_t)
+        for x, xm, y, ym in _chunks(feats):
+            m = ym if on_mask else torch.ones_like(ym)  # [b, S_t]
+            z = torch.einsum("ts,bsd->btd", P, x * xm.unsqueeze(-1)) * m.sqrt().unsqueeze(-1)  # [b, S_t, d_s]
+            gram += torch.einsum("btc,btd->cd", z, z)
+            rhs += torch.einsum("btc,btd->cd", z, (y - B) * m.sqrt().unsqueeze(-1))
+        W.copy_(_ridge(gram, rhs, alpha))
+        # P-step: per target position t, Y[t] - B[t] = sum_s P[t, s] U[s] with U = X W, one ridge per t
+        gram, rhs = torch.zeros(t_len, s_len, s_len), torch.zeros(t_len, s_len)
+        for x, xm, y, ym in _chunks(feats):
+            m = ym if on_mask else torch.ones_like(ym)
+            u = (x * xm.unsqueeze(-1)) @ W  # [b, S_s, d_t]
+            gram += torch.einsum("bt,bij->tij", m, u @ u.transpose(1, 2))  # [S_t, S_s, S_s]
+            rhs += torch.einsum("bt,bsd,btd->ts", m, u, y - B)
+        P.copy_(_ridge(gram, rhs.unsqueeze(-1), alpha).squeeze(-1))
+        # B-step: the mean residual per position (exact least squares for the bias)
+        total, count = torch.zeros(t_len, d_t), torch.zeros(t_len, 1)
+        for x, xm, y, ym in _chunks(feats):
+            m = ym if on_mask else torch.ones_like(ym)
+            pred = model.encode(x, xm) - B  # [b, S_t, d_t] without the bias
+            total += torch.einsum("bt,btd->td", m, y - pred)
+            count += m.sum(0).unsqueeze(-1)
+        B.copy_(total / count.clamp_min(1.0))
+        if progress:
+            progress(it + 1, iters)
+    return model
+
+
+@torch.no_grad()
+def fit_pooled_linear(feats: dict, alpha: float = 1e-3) -> PooledLinearMap:
+    n, s_len, d_s = feats["source"].shape
+    _, t_len, d_t = feats["target"].shape
+    model = PooledLinearMap(d_s, d_t, s_len, t_len)
+    gram, rhs = torch.zeros(d_s + 1, d_s + 1), torch.zeros(d_s + 1, d_t)
+    for x, xm, y, ym in _chunks(feats):
+        px = (x * xm.unsqueeze(-1)).sum(1) / xm.sum(1, keepdim=True).clamp_min(1.0)  # [b, d_s]
+        py = (y * ym.unsqueeze(-1)).sum(1) / ym.sum(1, keepdim=True).clamp_min(1.0)  # [b, d_t]
+        px = torch.cat([px, torch.ones(len(px), 1)], 1)  # [b, d_s + 1]: the last column fits the bias
+        gram += px.T @ px
+        rhs += px.T @ py
+    sol = _ridge(gram, rhs, alpha)  # [d_s + 1, d_t]
+    model.proj.weight.data.copy_(sol[:-1].T)
+    model.proj.bias.data.copy_(sol[-1])
+    return model
+
+
+@torch.no_grad()
+def predict(model, feats: dict, batch_size: int = 256) -> torch.Tensor:
+    """Any translation model over cached rows -> [N, S_t, d_t] float32."""
+    p = next(model.parameters())
+    return torch.cat([model.encode(feats["source"][i:i + batch_size].to(p.device, p.dtype),
+                                   feats["source_mask"][i:i + batch_size].to(p.device)).float().cpu()
+                      for i in range(0, len(feats["source"]), batch_size)])

@@ -1,0 +1,213 @@
+"""Feature cache: frozen source/target encoder outputs stored once, so MTN training never re-runs the encoders.
+
+A cache is a folder (local or any fsspec URL such as s3://bucket/prefix) written by jobs/extract_features.py:
+
+    manifest.json                      written last: a folder without it is an incomplete extraction
+    shard-00000000.safetensors         rows in any order; each shard carries its rows' corpus `index`
+    ...
+
+Each shard holds `index` [n] int64, `source` [n, L, d_s] (L <= S_s: the shard's longest source; padded source
+positions are zeros, the MTN ignores them), `source_mask` [n, L] uint8, `target` [n, S_t, d_t] (all S_t positions,
+padding included: the UNet attends to them) and `target_mask` [n, S_t] uint8, in fp16 or bf16.
+
+The manifest records what the features depend on: each encoder's id, revision (content hash of its local files),
+max_length, prefix; the corpus files and a checksum of the exact pairs. `check_cache` refuses a cache whose
+record differs from what a config asks for, naming the field, so a stale cache is never used silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import fsspec
+import torch
+
+from mtn.errors import MTNError
+
+FORMAT = "mtn-feature-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER_KEYS = ("name_or_path", "subfolder", "revision", "max_length", "prefix")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+_REVISIONS: dict = {}  # (path, subfolder) -> revision; hashing a 500 MB encoder once per process is enough
+
+
+# ----------------------------------------------------------------------------------------------- fingerprints
+def encoder_revision(name_or_path: str, subfolder: str | None = None) -> str:
+    """A content hash of a local encoder's weights/config/tokenizer files; builtin for tiny:, else the hub
+    snapshot's commit when it is in the local HF cache ('unresolved' otherwise)."""
+    if name_or_path.startswith("tiny:"):
+        return "builtin-seed0"
+    key = (name_or_path, subfolder)
+    if key in _REVISIONS:
+        return _REVISIONS[key]
+    root = Path(name_or_path).expanduser()
+    if root.is_dir():
+        base = root / subfolder if subfolder else root
+        h = hashlib.sha256()
+        for f in sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+            h.update(str(f.relative_to(base)).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        rev = "sha256:" + h.hexdigest()[:16]
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            rev = "hub:" + Path(snapshot_download(name_or_path, local_files_only=True)).name
+        except Exception:  # noqa: BLE001 - offline / not cached: say so in the manifest rather than guess
+            rev = "unresolved"
+    _REVISIONS[key] = rev
+    return rev
+
+
+def encoder_record(name_or_path: str, subfolder: str | None, max_length: int, prefix: str) -> dict:
+    return {"name_or_path": name_or_path, "subfolder": subfolder, "revision": encoder_revision(name_or_path, subfolder),
+            "max_length": max_length, "prefix": prefix or ""}
+
+
+def corpus_record(pairs: list[tuple[str, str]], files: list[str]) -> dict:
+    h = hashlib.sha256()
+    for s, t in pairs:
+        h.update(s.encode())
+        h.update(b"\x00")
+        h.update(t.encode())
+        h.update(b"\x01")
+    return {"files": files, "num_pairs": len(pairs), "sha256": h.hexdigest()[:32]}
+
+
+def expected_record(cfg, pairs: list[tuple[str, str]], files: list[str]) -> dict:
+    """What a cache of `pairs` must record to be used with TrainConfig `cfg`."""
+    return {"source_encoder": encoder_record(cfg.source_encoder, cfg.source_subfolder, cfg.source_max_length,
+                                             cfg.source_prefix),
+            "target_encoder": encoder_record(cfg.target_encoder, cfg.target_subfolder, cfg.target_max_length,
+                                             cfg.target_prefix),
+            "corpus": corpus_record(pairs, files)}
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def _fs(url: str):
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def write_shard(url: str, rows: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """Write one shard (rows as produced by the encoders) and return its manifest entry."""
+    from safetensors.torch import save
+
+    index = rows["index"].long()  # [n]
+    n_src = int(rows["source_mask"].sum(1).max())  # the shard's longest source: later positions are all zeros
+    tensors = {
+        "index": index.contiguous(),
+        "source": rows["source"][:, :n_src].to(dtype).contiguous(),  # [n, L, d_s]
+        "source_mask": rows["source_mask"][:, :n_src].to(torch.uint8).contiguous(),  # [n, L]
+        "target": rows["target"].to(dtype).contiguous(),  # [n, S_t, d_t]
+        "target_mask": rows["target_mask"].to(torch.uint8).contiguous(),  # [n, S_t]
+    }
+    name = f"shard-{int(index.min()):08d}.safetensors"  # corpus indices are unique, so names never collide
+    fs, root = _fs(url)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root}/{name}", "wb") as f:
+        f.write(save(tensors))
+    return {"file": name, "rows": len(index)}
+
+
+def write_manifest(url: str, record: dict, shards: list[dict], dims: dict, dtype: str, extra: dict | None = None):
+    fs, root = _fs(url)
+    manifest = {"format": FORMAT, "version": VERSION, **record, "dtype": dtype, **dims,
+                "num_rows": sum(s["rows"] for s in shards), "shards": sorted(shards, key=lambda s: s["file"]),
+                **(extra or {})}
+    with fs.open(f"{root}/{MANIFEST}", "w") as f:
+        f.write(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def clear_cache(url: str) -> None:
+    """Remove an old manifest and shards before re-extracting, so no stale shard survives into the new cache."""
+    fs, root = _fs(url)
+    if fs.exists(root):
+        for p in fs.ls(root, detail=False):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if name == MANIFEST or (name.startswith("shard-") and name.endswith(".safetensors")):
+                fs.rm(p)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_manifest(url: str) -> dict:
+    fs, root = _fs(url)
+    if not fs.exists(f"{root}/{MANIFEST}"):
+        what = "an incomplete extraction (no manifest.json)" if fs.exists(root) else "not found"
+        raise MTNError(f"feature cache {url}: {what}; run jobs/extract_features.py with the same config")
+    try:
+        manifest = json.loads(fs.cat(f"{root}/{MANIFEST}"))
+    except ValueError as e:
+        raise MTNError(f"feature cache {url}: manifest.json is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version", 0) > VERSION:
+        raise MTNError(f"feature cache {url}: unknown format {manifest.get('format')!r} "
+                       f"version {manifest.get('version')!r} (expected {FORMAT!r} <= {VERSION})")
+    return manifest
+
+
+def check_cache(url: str, expected: dict) -> dict:
+    """The manifest, if it was extracted with exactly the encoders, lengths, prefixes and corpus expected."""
+    manifest = read_manifest(url)
+    problems = []
+    for side in ("source_encoder", "target_encoder"):
+        for key in ENCODER_KEYS:
+            have, want = manifest.get(side, {}).get(key), expected[side].get(key)
+            if have != want:
+                problems.append(f"{side}.{key}: cache has {have!r}, config wants {want!r}")
+    for key in ("num_pairs", "sha256"):
+        have, want = manifest.get("corpus", {}).get(key), expected["corpus"][key]
+        if have != want:
+            problems.append(f"corpus.{key}: cache has {have!r}, config's corpus gives {want!r}"
+                            + (f" (files {expected['corpus']['files']})" if key == "sha256" else ""))
+    if problems:
+        raise MTNError(f"feature cache {url} does not match this config (stale or other run); re-extract with "
+                       f"jobs/extract_features.py, or point to the right cache:\n  " + "\n  ".join(problems))
+    return manifest
+
+
+def load_features(url: str, manifest: dict | None = None, rows: int | None = None) -> dict[str, torch.Tensor]:
+    """All rows in corpus order: source [N, S_s, d_s] (zero padded back to S_s), masks, target [N, S_t, d_t]."""
+    from safetensors.torch import load
+
+    manifest = manifest or read_manifest(url)
+    fs, root = _fs(url)
+    parts = []
+    for shard in manifest["shards"]:
+        try:
+            t = load(fs.cat(f"{root}/{shard['file']}"))
+        except FileNotFoundError:
+            raise MTNError(f"feature cache {url}: shard {shard['file']} listed in the manifest is missing") from None
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise MTNError(f"feature cache {url}: shard {shard['file']} is unreadable: {e}") from None
+        if len(t["index"]) != shard["rows"]:
+            raise MTNError(f"feature cache {url}: shard {shard['file']} has {len(t['index'])} rows, "
+                           f"manifest says {shard['rows']}")
+        pad = manifest["source_len"] - t["source"].shape[1]
+        t["source"] = torch.nn.functional.pad(t["source"], (0, 0, 0, pad))  # [n, S_s, d_s]
+        t["source_mask"] = torch.nn.functional.pad(t["source_mask"], (0, pad))  # [n, S_s]
+        parts.append(t)
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    order = out.pop("index").argsort()  # corpus order, whatever order the workers wrote shards in
+    n = len(order) if rows is None else min(rows, len(order))
+    return {k: v[order[:n]] for k, v in out.items()}
+
+
+@torch.no_grad()
+def encode_rows(source, target, pairs: list[tuple[str, str]], full_target: bool = False,
+                batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Encode pairs directly into cache-shaped rows (what a cache would hold, without writing one).
+    full_target=False zero-pads the target too: exact for metrics and masked losses, which read real tokens only."""
+    out: dict[str, list] = {"source": [], "source_mask": [], "target": [], "target_mask": []}
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        src, src_m = source([s for s, _ in chunk], zero_pad=True)  # [b, S_s, d_s], [b, S_s]
+        tgt, tgt_m = target([t for _, t in chunk], zero_pad=not full_target)  # [b, S_t, d_t], [b, S_t]
+        for k, v in zip(out, (src, src_m, tgt, tgt_m), strict=True):
+            out[k].append(v.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
