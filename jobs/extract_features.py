@@ -24,7 +24,7 @@ import torch
 
 from mtn.config import REPO_ROOT, TrainConfig, load_config
 from mtn.data import config_files, config_pairs
-from mtn.data.features import clear_cache, expected_record, write_manifest, write_shard
+from mtn.data.features import check_cache, clear_cache, expected_record, write_manifest, write_shard
 from mtn.errors import MTNError
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
@@ -46,18 +46,20 @@ class EncodePairs:
                                         cfg.target_subfolder, **kw)
         # numpy has no bfloat16: hand float32 to the writer, which casts; float16 travels as float16
         self.np_dtype = np.float16 if cfg.feature_dtype == "float16" else np.float32
+        self.full_target = cfg.cache_target_padding
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         src, src_m = self.source(list(batch["source"]), zero_pad=True)  # [b, S_s, d_s], [b, S_s]; pads are 0
-        tgt, tgt_m = self.target(list(batch["target"]), zero_pad=False)  # [b, S_t, d_t]: every position, as the UNet
+        # [b, S_t, d_t]: every position (the UNet attends to padding too), unless the config zero-pads them
+        tgt, tgt_m = self.target(list(batch["target"]), zero_pad=not self.full_target)
         return {"index": batch["index"],
                 "source": src.float().cpu().numpy().astype(self.np_dtype), "source_mask": src_m.cpu().numpy(),
                 "target": tgt.float().cpu().numpy().astype(self.np_dtype), "target_mask": tgt_m.cpu().numpy()}
 
 
-def write_shards(batch: dict[str, np.ndarray], url: str, dtype: str) -> dict[str, np.ndarray]:
+def write_shards(batch: dict[str, np.ndarray], url: str, dtype: str, trim_target: bool) -> dict[str, np.ndarray]:
     rows = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}  # a writable copy
-    entry = write_shard(url, rows, getattr(torch, dtype))
+    entry = write_shard(url, rows, getattr(torch, dtype), trim_target)
     return {"file": np.array([entry["file"]]), "rows": np.array([entry["rows"]]),
             "source_dim": np.array([batch["source"].shape[-1]]), "target_dim": np.array([batch["target"].shape[-1]])}
 
@@ -78,7 +80,8 @@ def extract(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, record: di
                         batch_size=cfg.extract_batch_size, num_cpus=0 if gpu else cfg.cpus_per_worker,
                         num_gpus=gpu or None)
     # writers are light tasks (no CPU reserved) so they run beside the encoder actors instead of waiting for them
-    ds = ds.map_batches(write_shards, fn_kwargs={"url": url, "dtype": cfg.feature_dtype},
+    ds = ds.map_batches(write_shards, fn_kwargs={"url": url, "dtype": cfg.feature_dtype,
+                                                  "trim_target": not cfg.cache_target_padding},
                         batch_size=cfg.extract_shard_rows, num_cpus=0)
     out = ds.take_all()
     shards = [{"file": str(r["file"]), "rows": int(r["rows"])} for r in out]
@@ -87,13 +90,31 @@ def extract(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, record: di
     dims = {"source_len": cfg.source_max_length, "target_len": cfg.target_max_length,
             "source_dim": int(out[0]["source_dim"]), "target_dim": int(out[0]["target_dim"])}
     return write_manifest(url, record, shards, dims, cfg.feature_dtype,
-                          extra={"source_zero_padded": True, "target_zero_padded": False})
+                          extra={"source_zero_padded": True, "target_zero_padded": not cfg.cache_target_padding})
+
+
+def start_ray(cfg: TrainConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        need = cfg.extract_workers * cfg.cpus_per_worker
+        ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, need)}))
+
+
+def up_to_date(url: str, record: dict, cfg: TrainConfig) -> bool:
+    try:
+        check_cache(url, record, needs_target_padding=cfg.cache_target_padding)
+        return True
+    except MTNError:
+        return False
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. feature_cache=s3://b/f")
+    p.add_argument("--force", action="store_true", help="re-extract even when a cache already matches the config")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -104,15 +125,13 @@ def main(argv=None) -> int:
         if cfg.val_feature_cache and val:
             jobs.append((val, cfg.val_feature_cache, config_files(cfg, "val")))
         records = [expected_record(cfg, pairs, files) for pairs, _, files in jobs]  # hashes encoders: fail early
-        import ray
-
-        if not ray.is_initialized():
-            address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-            need = cfg.extract_workers * cfg.cpus_per_worker
-            ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, need)}))
         summary = []
         for (pairs, url, _), record in zip(jobs, records, strict=True):
+            if not args.force and up_to_date(url, record, cfg):
+                summary.append(f"  {url}: up to date (same encoders, lengths and corpus), kept; --force redoes it")
+                continue
             t0 = time.perf_counter()
+            start_ray(cfg)
             manifest = extract(cfg, pairs, url, record)
             summary.append(f"  {url}: {manifest['num_rows']} rows in {len(manifest['shards'])} shards, "
                            f"{time.perf_counter() - t0:.1f} s")

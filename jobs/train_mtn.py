@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -83,7 +84,8 @@ def setup_features(cfg: TrainConfig, device):
 def build_mtn(cfg: TrainConfig, source_dim: int, target_dim: int) -> ModelTranslationNetwork:
     dims = dict(source_dim=source_dim, target_dim=target_dim, source_len=cfg.source_max_length,
                 target_len=cfg.target_max_length, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,
-                with_decoder=bool(cfg.loss_rec or cfg.loss_cycle), target_stats=cfg.target_stats)
+                with_decoder=bool(cfg.loss_rec or cfg.loss_cycle), target_stats=cfg.target_stats,
+                linear_skip=cfg.linear_skip)
     if cfg.num_modules is not None:
         return ModelTranslationNetwork(num_modules=cfg.num_modules, **dims)
     return ModelTranslationNetwork.from_named_size(cfg.mtn_size, **dims)
@@ -119,7 +121,8 @@ def lr_scheduler(cfg: TrainConfig) -> dict:
                                            "warmup_num_steps": warmup, "warmup_type": "linear"}}
 
 
-def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch: int, stats_rows=None):
+def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch: int, stats_rows=None,
+                 linear_fit=None):
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -127,6 +130,8 @@ def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch
     if cfg.target_stats:  # same rows on every rank -> same statistics (a resumed run loads them back anyway)
         mtn.set_target_stats(stats_rows()["target"][: cfg.baseline_samples],
                              stats_rows()["target_mask"][: cfg.baseline_samples] if cfg.mse_on_mask else None)
+    if cfg.linear_skip:  # deterministic closed form: every rank fits the same map
+        mtn.init_linear_skip(linear_fit())
     disc = TokenDiscriminator(target_dim, cfg.disc_hidden_dim)
     module = MTNTrainModule(mtn, disc, cfg.loss_weights, cfg.mse_on_mask)
     params = [p for name, p in module.named_parameters() if cfg.loss_adv or not name.startswith("disc.")]
@@ -175,11 +180,12 @@ def fit_baseline(cfg: TrainConfig, method: str, rows: dict, val: dict | None):
     return model, metrics
 
 
-def linear_margin(cfg: TrainConfig, rows: dict, val: dict | None, metrics: dict) -> dict:
-    """The MTN's margin over the linear map on the same data: positive = the MTN is better."""
+def linear_margin(linear_fit, val: dict | None, metrics: dict) -> dict:
+    """The MTN's margin over the linear map fitted on the same data: positive = the MTN is better."""
     if val is None or "val/token_mse" not in metrics:
         return {}
-    _, lin = fit_baseline(cfg, "linear", rows, val)
+    lin = {f"val/{k}": v for k, v in alignment_metrics(predict(linear_fit(), val), val["target"],
+                                                       val["target_mask"]).items()}
     out = {f"val/linear_{k.removeprefix('val/')}": v for k, v in lin.items()}
     out["val/margin_token_mse_pct"] = 100.0 * (1.0 - metrics["val/token_mse"] / lin["val/token_mse"])
     out["val/margin_pooled_cosine"] = metrics["val/pooled_cosine"] - lin["val/pooled_cosine"]
@@ -279,8 +285,9 @@ def train_loop_per_worker(config: dict):
         return baseline_per_worker(cfg, train, val, encoders, specs, rank)
     per_worker = cfg.batch_size // world
     rows = functools.cache(lambda: baseline_rows(cfg, train, encoders))  # encoded at most once, if ever needed
+    linear_fit = functools.cache(lambda: fit_baseline(cfg, "linear", rows(), None)[0])
     engine = setup_engine(cfg, specs["source_encoder"]["hidden_size"], specs["target_encoder"]["hidden_size"],
-                          per_worker, rows)
+                          per_worker, rows, linear_fit)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     state = load_checkpoint(engine)
     if rank == 0 and state["step"]:
@@ -297,9 +304,12 @@ def train_loop_per_worker(config: dict):
     metrics = {}
     steps = batch_indices(len(train["source"]) if encoders is None else len(train), per_worker, rank, world,
                           cfg.seed, start)
+    timed_from = None  # (step, time): throughput is measured after a few warm-up steps
     for step, idx in enumerate(steps, start=start + 1):
         if step > cfg.max_steps:
             break
+        if step == start + 1 + min(5, (cfg.max_steps - start) // 2):
+            timed_from = (step - 1, time.perf_counter())
         b = train_rows(train, encoders, idx, full_target=not cfg.mse_on_mask)  # [b, S_s, d_s] ... [b, S_t]
         total, terms = engine(b["source"].to(dtype), b["source_mask"], b["target"].to(dtype), b["target_mask"])
         engine.backward(total)
@@ -319,8 +329,11 @@ def train_loop_per_worker(config: dict):
                 bar.close()  # before the final report, so the driver hears of it before Ray shuts down
                 bar = None
             if rank == 0 and cfg.compare_linear:
-                metrics.update(linear_margin(cfg, rows(), val, metrics))
+                metrics.update(linear_margin(linear_fit, val, metrics))
                 tracker.log_metrics({k: v for k, v in metrics.items() if "linear" in k or "margin" in k}, step)
+            if timed_from:
+                sps = (step - timed_from[0]) / (time.perf_counter() - timed_from[1])
+                metrics.update({"perf/steps_per_s": sps, "perf/samples_per_s": sps * cfg.batch_size})
             state["final_metrics"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
 
             report(engine, state, metrics, rank, functools.partial(
@@ -354,7 +367,8 @@ def main(argv=None) -> int:
 
 def check_feature_caches(cfg: TrainConfig, train: list, val: list) -> None:
     """Refuse a cache extracted with other encoders, lengths, prefixes or another corpus (never use it silently)."""
-    check_cache(cfg.feature_cache, expected_record(cfg, train, config_files(cfg, "train")))
+    check_cache(cfg.feature_cache, expected_record(cfg, train, config_files(cfg, "train")),
+                needs_target_padding=not cfg.mse_on_mask)
     if val and not cfg.val_feature_cache:
         raise MTNError("config: feature_cache is set but val_feature_cache is not; extract both with "
                        "jobs/extract_features.py (or set max_val_samples=0 to skip validation)")

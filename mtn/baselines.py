@@ -56,11 +56,18 @@ class PooledLinearMap(ModelMixin, ConfigMixin):
 
 
 # ----------------------------------------------------------------------------------------------- fitting
-def _chunks(feats: dict, n: int | None = None):
-    n = len(feats["source"]) if n is None else n
+def _chunks(feats: dict, on_mask: bool):
+    """fp32 chunks trimmed to their longest real source (and target, when only real target tokens count):
+    positions past those are zeros / unscored, and skipping them makes a fit several times cheaper."""
+    n = len(feats["source"])
     for i in range(0, n, CHUNK):
-        yield (feats["source"][i:i + CHUNK].float(), feats["source_mask"][i:i + CHUNK].float(),
-               feats["target"][i:i + CHUNK].float(), feats["target_mask"][i:i + CHUNK].float())
+        xm, ym = feats["source_mask"][i:i + CHUNK].float(), feats["target_mask"][i:i + CHUNK].float()
+        ls = max(int(xm.sum(1).max()), 1)
+        lt = max(int(ym.sum(1).max()), 1) if on_mask else ym.shape[1]
+        x = feats["source"][i:i + CHUNK, :ls].float() * xm[:, :ls].unsqueeze(-1)  # [b, ls, d_s], pads zeroed
+        y = feats["target"][i:i + CHUNK, :lt].float()  # [b, lt, d_t]
+        m = ym[:, :lt] if on_mask else torch.ones_like(ym)  # [b, lt] weight of each target position
+        yield x, xm[:, :ls], y, m, ls, lt
 
 
 def _ridge(gram: torch.Tensor, rhs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -82,29 +89,30 @@ def fit_linear_map(feats: dict, alpha: float = 1e-3, iters: int = 5, on_mask: bo
     model = LinearTranslationMap(d_s, d_t, s_len, t_len)
     W, P, B = model.channel.data, model.sequence.data, model.bias.data
     for it in range(iters):
-        # W-step: rows of Z = P X (per target position) regress Y - B over channels
+        # W-step: rows of Z = P X at scored target positions regress Y - B over channels
         gram, rhs = torch.zeros(d_s, d_s), torch.zeros(d_s, d_t)
-        for x, xm, y, ym in _chunks(feats):
-            m = ym if on_mask else torch.ones_like(ym)  # [b, S_t]
-            z = torch.einsum("ts,bsd->btd", P, x * xm.unsqueeze(-1)) * m.sqrt().unsqueeze(-1)  # [b, S_t, d_s]
-            gram += torch.einsum("btc,btd->cd", z, z)
-            rhs += torch.einsum("btc,btd->cd", z, (y - B) * m.sqrt().unsqueeze(-1))
+        for x, _, y, m, ls, lt in _chunks(feats, on_mask):
+            z = torch.einsum("ts,bsd->btd", P[:lt, :ls], x)  # [b, lt, d_s]
+            keep = m > 0
+            zk, rk, wk = z[keep], (y - B[:lt])[keep], m[keep].unsqueeze(-1)  # [R, d_s], [R, d_t], [R, 1]
+            gram += zk.T @ (zk * wk)
+            rhs += zk.T @ (rk * wk)
         W.copy_(_ridge(gram, rhs, alpha))
         # P-step: per target position t, Y[t] - B[t] = sum_s P[t, s] U[s] with U = X W, one ridge per t
         gram, rhs = torch.zeros(t_len, s_len, s_len), torch.zeros(t_len, s_len)
-        for x, xm, y, ym in _chunks(feats):
-            m = ym if on_mask else torch.ones_like(ym)
-            u = (x * xm.unsqueeze(-1)) @ W  # [b, S_s, d_t]
-            gram += torch.einsum("bt,bij->tij", m, u @ u.transpose(1, 2))  # [S_t, S_s, S_s]
-            rhs += torch.einsum("bt,bsd,btd->ts", m, u, y - B)
+        for x, xm, y, m, ls, lt in _chunks(feats, on_mask):
+            u = torch.zeros(*x.shape[:2], d_t)
+            u[xm > 0] = x[xm > 0] @ W  # [b, ls, d_t], only real source tokens (the rest is zero anyway)
+            gram[:lt, :ls, :ls] += torch.einsum("bt,bij->tij", m, u @ u.transpose(1, 2))  # [lt, ls, ls]
+            # two steps, never the [b, lt, ls, d] intermediate a 3-operand einsum may build
+            rhs[:lt, :ls] += torch.einsum("bt,bts->ts", m, (y - B[:lt]) @ u.transpose(1, 2))
         P.copy_(_ridge(gram, rhs.unsqueeze(-1), alpha).squeeze(-1))
         # B-step: the mean residual per position (exact least squares for the bias)
         total, count = torch.zeros(t_len, d_t), torch.zeros(t_len, 1)
-        for x, xm, y, ym in _chunks(feats):
-            m = ym if on_mask else torch.ones_like(ym)
-            pred = model.encode(x, xm) - B  # [b, S_t, d_t] without the bias
-            total += torch.einsum("bt,btd->td", m, y - pred)
-            count += m.sum(0).unsqueeze(-1)
+        for x, _, y, m, ls, lt in _chunks(feats, on_mask):
+            pred = torch.einsum("ts,bsd->btd", P[:lt, :ls], x @ W)  # [b, lt, d_t] without the bias
+            total[:lt] += torch.einsum("bt,btd->td", m, y - pred)
+            count[:lt] += m.sum(0).unsqueeze(-1)
         B.copy_(total / count.clamp_min(1.0))
         if progress:
             progress(it + 1, iters)
@@ -117,8 +125,8 @@ def fit_pooled_linear(feats: dict, alpha: float = 1e-3) -> PooledLinearMap:
     _, t_len, d_t = feats["target"].shape
     model = PooledLinearMap(d_s, d_t, s_len, t_len)
     gram, rhs = torch.zeros(d_s + 1, d_s + 1), torch.zeros(d_s + 1, d_t)
-    for x, xm, y, ym in _chunks(feats):
-        px = (x * xm.unsqueeze(-1)).sum(1) / xm.sum(1, keepdim=True).clamp_min(1.0)  # [b, d_s]
+    for x, xm, y, ym, _, _ in _chunks(feats, on_mask=True):
+        px = x.sum(1) / xm.sum(1, keepdim=True).clamp_min(1.0)  # [b, d_s]
         py = (y * ym.unsqueeze(-1)).sum(1) / ym.sum(1, keepdim=True).clamp_min(1.0)  # [b, d_t]
         px = torch.cat([px, torch.ones(len(px), 1)], 1)  # [b, d_s + 1]: the last column fits the bias
         gram += px.T @ px

@@ -103,6 +103,9 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
             `target_shift` [S_t, d_t], `target_scale` [S_t, 1], set from data by `set_target_stats`): M starts
             at the mean target and its body works in normalised units (GlueGen normalises targets per position);
             N sees targets normalised the same way.
+        linear_skip: M = linear map + gate * mixer body, with the linear map Y = P (X W) + B of
+            mtn.baselines (set from a ridge fit by `init_linear_skip`) and a per-channel gate that starts at 0:
+            M starts exactly at the closed-form baseline and training can only learn what a linear map cannot.
     """
 
     @register_to_config
@@ -119,6 +122,7 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         with_decoder: bool = True,
         target_stats: bool = False,
+        linear_skip: bool = False,
     ):
         super().__init__()
         for name, v in dict(source_dim=source_dim, target_dim=target_dim, source_len=source_len,
@@ -129,9 +133,26 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
                                        hidden_dim, mult, dropout)
         self.decoder = (MixerTranslator(target_dim, target_len, source_dim, source_len, num_modules,
                                         decoder_hidden_dim, mult, dropout) if with_decoder else None)
+        if target_stats and linear_skip:
+            raise MTNError("ModelTranslationNetwork: target_stats and linear_skip are exclusive (the linear map's "
+                           "per-position bias already starts M at the mean target)")
+        if linear_skip:
+            self.skip_channel = nn.Parameter(torch.zeros(source_dim, target_dim))  # W [d_s, d_t]
+            self.skip_sequence = nn.Parameter(torch.eye(target_len, source_len))  # P [S_t, S_s]
+            self.skip_bias = nn.Parameter(torch.zeros(target_len, target_dim))  # B [S_t, d_t]
+            self.skip_gate = nn.Parameter(torch.zeros(target_dim))  # [d_t]
         if target_stats:
             self.register_buffer("target_shift", torch.zeros(target_len, target_dim))  # [S_t, d_t]
             self.register_buffer("target_scale", torch.ones(target_len, 1))  # [S_t, 1]
+
+    @torch.no_grad()
+    def init_linear_skip(self, linear) -> None:
+        """Copy a fitted mtn.baselines.LinearTranslationMap into the skip path."""
+        if not self.config.linear_skip:
+            raise MTNError("this MTN was built with linear_skip=False")
+        self.skip_channel.copy_(linear.channel)
+        self.skip_sequence.copy_(linear.sequence)
+        self.skip_bias.copy_(linear.bias)
 
     @torch.no_grad()
     def set_target_stats(self, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -168,6 +189,10 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
         out = self.encoder(source, mask)  # [B, S_t, d_t]
         if self.config.target_stats:
             out = out * self.target_scale + self.target_shift  # back to raw target units
+        if self.config.linear_skip:
+            x = source if mask is None else source * mask.unsqueeze(-1).to(source.dtype)  # [B, S_s, d_s]
+            linear = torch.einsum("ts,bsd->btd", self.skip_sequence, x @ self.skip_channel) + self.skip_bias
+            out = linear + self.skip_gate * out  # [B, S_t, d_t]
         return out
 
     def decode(self, target: torch.Tensor) -> torch.Tensor:

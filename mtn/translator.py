@@ -127,6 +127,17 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def load_translation_model(path: str | Path, manifest: dict | None = None):
+    """Only the translation model of a translator folder (MTN or baseline), for scoring cached features."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    classes = _model_classes()
+    name = manifest.get("model_class", "ModelTranslationNetwork")
+    if name not in classes:
+        raise MTNError(f"{path / MANIFEST}: unknown model_class {name!r} (known: {', '.join(classes)})")
+    return classes[name].from_pretrained(path / MTN_SUBFOLDER).eval()
+
+
 def load_translator(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     source_encoder: FrozenTextEncoder | str | None = None) -> Translator:
     """Load a translator folder. `source_encoder` overrides the recorded source LM (an encoder or a path),
@@ -140,9 +151,5 @@ def load_translator(path: str | Path, device: str | torch.device = "cpu", dtype:
         source_encoder = load_text_encoder(where, max_length=spec["max_length"], prefix=spec.get("prefix", ""),
                                            subfolder=None if where != spec["name_or_path"] else spec.get("subfolder"),
                                            device=device)
-    classes = _model_classes()
-    name = manifest.get("model_class", "ModelTranslationNetwork")
-    if name not in classes:
-        raise MTNError(f"{path / MANIFEST}: unknown model_class {name!r} (known: {', '.join(classes)})")
-    mtn = classes[name].from_pretrained(path / MTN_SUBFOLDER)
+    mtn = load_translation_model(path, manifest)
     return Translator(source_encoder, mtn, manifest).to(device=device, dtype=dtype)

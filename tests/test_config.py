@@ -47,3 +47,10 @@ def test_bad_configs_are_refused_with_a_message(overrides, match):
 def test_missing_config_file():
     with pytest.raises(MTNError, match="config file not found"):
         load_config("nope.yaml")
+
+
+def test_override_values_that_look_like_yaml_mappings_stay_strings():
+    from mtn.config import parse_overrides
+
+    assert parse_overrides(["source_file={data_root}/t.de.gz", "x={source_lang}", "n=3", "v=null"]) == {
+        "source_file": "{data_root}/t.de.gz", "x": "{source_lang}", "n": 3, "v": None}

@@ -59,6 +59,20 @@ def test_cache_round_trip_equals_direct_forward(tmp_path, tiny_rows):
     assert load_features(str(tmp_path / "c"), rows=7)["target"].shape[0] == 7
 
 
+def test_zero_padded_target_is_trimmed_and_restored(tmp_path, tiny_rows):
+    cfg, pairs, rows = tiny_rows
+    zero = {**rows, "target": rows["target"] * rows["target_mask"].unsqueeze(-1)}  # cache_target_padding=false
+    entry = write_shard(str(tmp_path / "z"), {"index": torch.arange(40), **zero}, torch.float16, trim_target=True)
+    dims = {"source_len": 96, "target_len": 77, "source_dim": zero["source"].shape[-1], "target_dim": 48}
+    write_manifest(str(tmp_path / "z"), expected_record(cfg, pairs, [cfg.corpus]), [entry], dims, "float16",
+                   extra={"target_zero_padded": True})
+    got = load_features(str(tmp_path / "z"))
+    assert got["target"].shape == (40, 77, 48)
+    torch.testing.assert_close(got["target"].float(), zero["target"], rtol=2e-3, atol=2e-3)
+    with pytest.raises(MTNError, match="zero-padded the target"):  # a loss over every position needs the padding
+        check_cache(str(tmp_path / "z"), expected_record(cfg, pairs, [cfg.corpus]), needs_target_padding=True)
+
+
 def test_mismatched_or_incomplete_cache_is_refused(tmp_path, tiny_rows):
     cfg, pairs, rows = tiny_rows
     url = str(tmp_path / "c")

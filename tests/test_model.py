@@ -97,3 +97,22 @@ def test_target_stats_start_at_the_mean_target_and_round_trip(tmp_path):
     src = torch.randn(2, 3, 6)
     assert torch.equal(again.encode(src), mtn.encode(src))
     assert torch.equal(again.target_shift, mtn.target_shift)
+
+
+def test_linear_skip_starts_exactly_at_the_linear_map():
+    from mtn.baselines import LinearTranslationMap
+
+    torch.manual_seed(0)
+    lin = LinearTranslationMap(6, 4, 3, 5)
+    for p in lin.parameters():
+        p.data.normal_()
+    mtn = ModelTranslationNetwork(source_dim=6, target_dim=4, source_len=3, target_len=5, num_modules=1,
+                                  linear_skip=True)
+    mtn.init_linear_skip(lin)
+    src, mask = torch.randn(2, 3, 6), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(mtn.encode(src, mask), lin.encode(src, mask))  # gate 0: the body is off
+    mtn.encode(src, mask).pow(2).sum().backward()
+    assert mtn.skip_gate.grad.abs().sum() > 0  # ... but the gate learns, so the body joins in
+    with pytest.raises(MTNError, match="exclusive"):
+        ModelTranslationNetwork(source_dim=6, target_dim=4, source_len=3, target_len=5, target_stats=True,
+                                linear_skip=True)

@@ -8,7 +8,8 @@ A cache is a folder (local or any fsspec URL such as s3://bucket/prefix) written
 
 Each shard holds `index` [n] int64, `source` [n, L, d_s] (L <= S_s: the shard's longest source; padded source
 positions are zeros, the MTN ignores them), `source_mask` [n, L] uint8, `target` [n, S_t, d_t] (all S_t positions,
-padding included: the UNet attends to them) and `target_mask` [n, S_t] uint8, in fp16 or bf16.
+padding included, as the UNet attends to them; or, with cache_target_padding=false, zeros there and trimmed like
+the source) and `target_mask` [n, S_t] uint8, in fp16 or bf16. Loading pads everything back to S_s / S_t.
 
 The manifest records what the features depend on: each encoder's id, revision (content hash of its local files),
 max_length, prefix; the corpus files and a checksum of the exact pairs. `check_cache` refuses a cache whose
@@ -94,18 +95,20 @@ def _fs(url: str):
     return fs, root.rstrip("/")
 
 
-def write_shard(url: str, rows: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
-    """Write one shard (rows as produced by the encoders) and return its manifest entry."""
+def write_shard(url: str, rows: dict[str, torch.Tensor], dtype: torch.dtype, trim_target: bool = False) -> dict:
+    """Write one shard (rows as produced by the encoders) and return its manifest entry. Zero-padded sides are
+    trimmed to the shard's longest row (later positions are all zeros and come back as zeros on load)."""
     from safetensors.torch import save
 
     index = rows["index"].long()  # [n]
-    n_src = int(rows["source_mask"].sum(1).max())  # the shard's longest source: later positions are all zeros
+    n_src = int(rows["source_mask"].sum(1).max())
+    n_tgt = int(rows["target_mask"].sum(1).max()) if trim_target else rows["target"].shape[1]
     tensors = {
         "index": index.contiguous(),
         "source": rows["source"][:, :n_src].to(dtype).contiguous(),  # [n, L, d_s]
         "source_mask": rows["source_mask"][:, :n_src].to(torch.uint8).contiguous(),  # [n, L]
-        "target": rows["target"].to(dtype).contiguous(),  # [n, S_t, d_t]
-        "target_mask": rows["target_mask"].to(torch.uint8).contiguous(),  # [n, S_t]
+        "target": rows["target"][:, :n_tgt].to(dtype).contiguous(),  # [n, L_t, d_t]
+        "target_mask": rows["target_mask"][:, :n_tgt].to(torch.uint8).contiguous(),  # [n, L_t]
     }
     name = f"shard-{int(index.min()):08d}.safetensors"  # corpus indices are unique, so names never collide
     fs, root = _fs(url)
@@ -151,10 +154,14 @@ def read_manifest(url: str) -> dict:
     return manifest
 
 
-def check_cache(url: str, expected: dict) -> dict:
-    """The manifest, if it was extracted with exactly the encoders, lengths, prefixes and corpus expected."""
+def check_cache(url: str, expected: dict, needs_target_padding: bool = False) -> dict:
+    """The manifest, if it was extracted with exactly the encoders, lengths, prefixes and corpus expected
+    (and holds real target features at padded positions when the loss scores them)."""
     manifest = read_manifest(url)
     problems = []
+    if needs_target_padding and manifest.get("target_zero_padded"):
+        problems.append("target padding: the cache zero-padded the target (cache_target_padding=false) but "
+                        "mse_on_mask=false trains on every target position")
     for side in ("source_encoder", "target_encoder"):
         for key in ENCODER_KEYS:
             have, want = manifest.get(side, {}).get(key), expected[side].get(key)
@@ -188,9 +195,10 @@ def load_features(url: str, manifest: dict | None = None, rows: int | None = Non
         if len(t["index"]) != shard["rows"]:
             raise MTNError(f"feature cache {url}: shard {shard['file']} has {len(t['index'])} rows, "
                            f"manifest says {shard['rows']}")
-        pad = manifest["source_len"] - t["source"].shape[1]
-        t["source"] = torch.nn.functional.pad(t["source"], (0, 0, 0, pad))  # [n, S_s, d_s]
-        t["source_mask"] = torch.nn.functional.pad(t["source_mask"], (0, pad))  # [n, S_s]
+        for side in ("source", "target"):
+            pad = manifest[f"{side}_len"] - t[side].shape[1]
+            t[side] = torch.nn.functional.pad(t[side], (0, 0, 0, pad))  # [n, S, d]
+            t[f"{side}_mask"] = torch.nn.functional.pad(t[f"{side}_mask"], (0, pad))  # [n, S]
         parts.append(t)
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     order = out.pop("index").argsort()  # corpus order, whatever order the workers wrote shards in

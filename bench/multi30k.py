@@ -1,0 +1,166 @@
+"""Real-encoder benchmark on Multi30k: multilingual-e5-small -> all-MiniLM-L6-v2, test_2016/2017_flickr.
+
+    python ../shared/tools/real-encoders/materialize.py                  # once: the two real encoders
+    python bench/multi30k.py extract --lang de                           # train/val/test feature caches
+    python bench/multi30k.py run linear mtn-3rm-skip --lang de           # train rows, evaluate on the test sets
+    python bench/multi30k.py table                                       # BENCHMARKS.md table from the results
+
+Every row trains through jobs/train_mtn.py with jobs/configs/multi30k.yaml (source_lang=<lang>) plus the row's
+overrides, then the translator it wrote is scored on the cached test sets with mtn.metrics (token MSE over real
+target tokens in raw units, pooled cosine, R@1/R@5 among the test set). Results append to
+bench/results/multi30k.jsonl with the command, wall time and machine. `--lang all` trains the shared
+multilingual MTN and scores it on each language's test sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "jobs/configs/multi30k.yaml"
+RESULTS = ROOT / "bench" / "results" / "multi30k.jsonl"
+FEATURES = os.environ.get("MTN_FEATURES", "outputs/features")
+TEST_SETS = {"de": ["test_2016_flickr", "test_2017_flickr"], "fr": ["test_2016_flickr", "test_2017_flickr"],
+             "cs": ["test_2016_flickr"]}  # the shared data has no Czech test_2017_flickr
+LANGS = ["de", "fr", "cs"]
+MTN = ["linear_skip=true", "max_steps=600", "batch_size=32", "lr=3e-4", "warmup_steps=30"]
+ABLATION = ["max_steps=300", "batch_size=32", "lr=1e-3", "compare_linear=false"]
+ROWS = {
+    "linear": ["method=linear"],
+    "pooled-linear": ["method=pooled_linear"],
+    "mtn-3rm": ["mtn_size=mtn-3rm", "max_steps=600", "batch_size=32", "lr=1e-3", "warmup_steps=30"],
+    "mtn-3rm-skip": ["mtn_size=mtn-3rm", *MTN],
+    "mtn-5rm-skip": ["mtn_size=mtn-5rm", *MTN],
+    # the paper's loss ablation (Table 3), on alignment metrics; shorter runs, same budget for each
+    "abl-mse": [*ABLATION],
+    "abl-mse+rec": [*ABLATION, "loss_rec=0.1"],
+    "abl-mse+rec+adv": [*ABLATION, "loss_rec=0.1", "loss_adv=0.01"],
+    "abl-mse+rec+adv+cycle": [*ABLATION, "loss_rec=0.1", "loss_adv=0.01", "loss_cycle=0.1"],
+}
+
+
+def py(script: str, *args: str) -> tuple[list[str], float]:
+    cmd = [sys.executable, script, "--config", CONFIG, *args]
+    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {shlex.join(cmd)}")
+    return cmd, time.perf_counter() - t0
+
+
+def test_cache(lang: str, test_set: str) -> str:
+    return f"{FEATURES}/multi30k-{lang}/{test_set}"
+
+
+def extract(lang: str, extra: list[str]) -> None:
+    py("jobs/extract_features.py", f"source_lang={lang}", *extra)
+    for lg in LANGS if lang == "all" else [lang]:
+        for ts in TEST_SETS[lg]:
+            if not (ROOT / test_cache(lg, ts) / "manifest.json").exists():
+                py("jobs/extract_features.py", f"source_lang={lg}", "val_source_file=null", "val_target_file=null",
+                   "val_fraction=0", "max_val_samples=0", "max_train_samples=null",
+                   f"source_file={{data_root}}/multi30k/{ts}.{lg}.gz",
+                   f"target_file={{data_root}}/multi30k/{ts}.en.gz", f"feature_cache={test_cache(lg, ts)}",
+                   "val_feature_cache=null", *extra)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, no GPU"
+
+
+def score(translator: Path, lang: str) -> dict:
+    """The translator's model on each cached test set of `lang` (no encoders: the cache holds their outputs)."""
+    from mtn.baselines import predict
+    from mtn.data.features import load_features, read_manifest
+    from mtn.metrics import alignment_metrics
+    from mtn.translator import load_translation_model
+    from mtn.translator import read_manifest as read_translator
+
+    model, spec = load_translation_model(translator), read_translator(translator)["source_encoder"]
+    out = {}
+    for ts in TEST_SETS[lang]:
+        url = str(ROOT / test_cache(lang, ts))
+        cache = read_manifest(url)
+        for key in ("name_or_path", "max_length", "prefix"):
+            if cache["source_encoder"][key] != spec[key]:
+                sys.exit(f"{url} was extracted with another source encoder {key}: {cache['source_encoder'][key]!r}")
+        rows = load_features(url, cache)
+        out[ts] = alignment_metrics(predict(model, rows), rows["target"], rows["target_mask"])
+    return out
+
+
+def run(row: str, lang: str, extra: list[str]) -> None:
+    out_dir = f"outputs/bench/{lang}-{row}"
+    args = [f"source_lang={lang}", f"output_dir={out_dir}", f"name=bench-{lang}-{row}-{int(time.time())}",
+            *ROWS[row], *extra]
+    cmd, wall = py("jobs/train_mtn.py", *args)
+    metrics = json.loads((ROOT / out_dir / "metrics.json").read_text())
+    for lg in LANGS if lang == "all" else [lang]:
+        for ts, m in score(ROOT / out_dir / "translator", lg).items():
+            rec = {"row": row, "train_lang": lang, "lang": lg, "test_set": ts, **m, "train_wall_s": round(wall, 1),
+                   "val": {k: v for k, v in metrics.items() if k.startswith("val/")},
+                   "command": shlex.join(["python", *cmd[1:]]), "machine": machine(),
+                   "date": time.strftime("%Y-%m-%d %H:%M")}
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{row:24s} {lang}->{lg} {ts:18s} token_mse {m['token_mse']:.4f}  pooled_cos {m['pooled_cosine']:.4f}"
+                  f"  R@1 {m['r@1']:.3f}  R@5 {m['r@5']:.3f}  ({wall:.0f} s)")
+
+
+def table() -> str:
+    """Latest result per (row, train_lang, lang, test_set) as a markdown table, with the MTN's margins."""
+    latest = {}
+    for line in RESULTS.read_text().splitlines():
+        r = json.loads(line)
+        latest[(r["row"], r["train_lang"], r["lang"], r["test_set"])] = r
+    head = ("| lang | test set | row (trained on) | token MSE | vs linear | pooled cos | R@1 | R@5 | train wall |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for (row, tl, lg, ts), r in sorted(latest.items(), key=lambda kv: (kv[0][2], kv[0][3], list(ROWS).index(kv[0][0]),
+                                                                      kv[0][1])):
+        lin = latest.get(("linear", lg, lg, ts))
+        delta = f"{100 * (r['token_mse'] / lin['token_mse'] - 1):+.1f}%" if lin else ""
+        lines.append(f"| {lg} | {ts} | {row} ({tl}) | {r['token_mse']:.4f} | {delta} | {r['pooled_cosine']:.4f} | "
+                     f"{r['r@1']:.3f} | {r['r@5']:.3f} | {r['train_wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("--lang", default="de", choices=[*LANGS, "all"])
+    r = sub.add_parser("run")
+    r.add_argument("rows", nargs="+", choices=list(ROWS))
+    r.add_argument("--lang", default="de", choices=[*LANGS, "all"])
+    for sp in (e, r):
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override (repeatable)")
+    sub.add_parser("table")
+    args = p.parse_args(argv)
+    if args.cmd == "extract":
+        extract(args.lang, args.overrides)
+    elif args.cmd == "run":
+        for row in args.rows:
+            run(row, args.lang, args.overrides)
+    else:
+        print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
