@@ -33,8 +33,8 @@ FEATURES = os.environ.get("MTN_FEATURES", "outputs/features")
 TEST_SETS = {"de": ["test_2016_flickr", "test_2017_flickr"], "fr": ["test_2016_flickr", "test_2017_flickr"],
              "cs": ["test_2016_flickr"]}  # the shared data has no Czech test_2017_flickr
 LANGS = ["de", "fr", "cs"]
-MTN = ["linear_skip=true", "max_steps=600", "batch_size=32", "lr=3e-4", "warmup_steps=30"]
-ABLATION = ["max_steps=300", "batch_size=32", "lr=1e-3", "compare_linear=false"]
+MTN = ["linear_skip=true", "hidden_dim=192", "max_steps=400", "batch_size=32", "lr=1e-3", "warmup_steps=30"]
+ABLATION = ["hidden_dim=192", "max_steps=150", "batch_size=32", "lr=1e-3", "compare_linear=false"]
 ROWS = {
     "linear": ["method=linear"],
     "pooled-linear": ["method=pooled_linear"],

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        for key in ("feature_cache", "val_feature_cache"):  # Ray workers may run in another directory
+            if getattr(cfg, key) and "://" not in getattr(cfg, key):
+                setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
         if not cfg.feature_cache:
             raise MTNError("config: set feature_cache=PATH (local folder or s3://) to say where features go")
         train, val = config_pairs(cfg)

@@ -385,6 +385,9 @@ def prepare_config(path, overrides) -> TrainConfig:
         cfg.output_dir = str(Path(cfg.output_dir).resolve())
     if "://" not in cfg.storage_path:
         cfg.storage_path = str(Path(cfg.storage_path).resolve())
+    for key in ("feature_cache", "val_feature_cache"):  # workers run elsewhere: no relative paths
+        if getattr(cfg, key) and "://" not in getattr(cfg, key):
+            setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                or f"sqlite:///{cfg.output_dir}/mlflow.db")
     data = [f for f in (cfg.corpus, cfg.source_file, cfg.target_file, cfg.val_source_file) if f]

@@ -103,9 +103,9 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
             `target_shift` [S_t, d_t], `target_scale` [S_t, 1], set from data by `set_target_stats`): M starts
             at the mean target and its body works in normalised units (GlueGen normalises targets per position);
             N sees targets normalised the same way.
-        linear_skip: M = linear map + gate * mixer body, with the linear map Y = P (X W) + B of
-            mtn.baselines (set from a ridge fit by `init_linear_skip`) and a per-channel gate that starts at 0:
-            M starts exactly at the closed-form baseline and training can only learn what a linear map cannot.
+        linear_skip: M = linear map + G(mixer body), with the linear map Y = P (X W) + B of mtn.baselines
+            (set from a ridge fit by `init_linear_skip`) and G a zero-initialised linear layer: M starts exactly
+            at the closed-form baseline, and training learns what a linear map cannot.
     """
 
     @register_to_config
@@ -140,7 +140,11 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
             self.skip_channel = nn.Parameter(torch.zeros(source_dim, target_dim))  # W [d_s, d_t]
             self.skip_sequence = nn.Parameter(torch.eye(target_len, source_len))  # P [S_t, S_s]
             self.skip_bias = nn.Parameter(torch.zeros(target_len, target_dim))  # B [S_t, d_t]
-            self.skip_gate = nn.Parameter(torch.zeros(target_dim))  # [d_t]
+            # the body's contribution goes through a zero-initialised d_t x d_t map: exactly the linear map at
+            # step 0, and (unlike a scalar gate) a full-rank path the body's gradients open from the first step
+            self.skip_out = nn.Linear(target_dim, target_dim)
+            nn.init.zeros_(self.skip_out.weight)
+            nn.init.zeros_(self.skip_out.bias)
         if target_stats:
             self.register_buffer("target_shift", torch.zeros(target_len, target_dim))  # [S_t, d_t]
             self.register_buffer("target_scale", torch.ones(target_len, 1))  # [S_t, 1]
@@ -192,7 +196,7 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
         if self.config.linear_skip:
             x = source if mask is None else source * mask.unsqueeze(-1).to(source.dtype)  # [B, S_s, d_s]
             linear = torch.einsum("ts,bsd->btd", self.skip_sequence, x @ self.skip_channel) + self.skip_bias
-            out = linear + self.skip_gate * out  # [B, S_t, d_t]
+            out = linear + self.skip_out(out)  # [B, S_t, d_t]
         return out
 
     def decode(self, target: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,7 @@ def test_linear_skip_starts_exactly_at_the_linear_map():
     src, mask = torch.randn(2, 3, 6), torch.tensor([[1, 1, 0], [1, 1, 1]])
     torch.testing.assert_close(mtn.encode(src, mask), lin.encode(src, mask))  # gate 0: the body is off
     mtn.encode(src, mask).pow(2).sum().backward()
-    assert mtn.skip_gate.grad.abs().sum() > 0  # ... but the gate learns, so the body joins in
+    assert mtn.skip_out.weight.grad.abs().sum() > 0  # ... but its output layer learns, so the body joins in
     with pytest.raises(MTNError, match="exclusive"):
         ModelTranslationNetwork(source_dim=6, target_dim=4, source_len=3, target_len=5, target_stats=True,
                                 linear_skip=True)
