@@ -110,7 +110,7 @@ def run(row: str, lang: str, extra: list[str]) -> None:
     metrics = json.loads((ROOT / out_dir / "metrics.json").read_text())
     for lg in LANGS if lang == "all" else [lang]:
         for ts, m in score(ROOT / out_dir / "translator", lg).items():
-            rec = {"row": row, "train_lang": lang, "lang": lg, "test_set": ts, **m, "train_wall_s": round(wall, 1),
+            rec = {"row": row, "extra": extra, "train_lang": lang, "lang": lg, "test_set": ts, **m, "train_wall_s": round(wall, 1),
                    "val": {k: v for k, v in metrics.items() if k.startswith("val/")},
                    "command": shlex.join(["python", *cmd[1:]]), "machine": machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -126,12 +126,13 @@ def table() -> str:
     latest = {}
     for line in RESULTS.read_text().splitlines():
         r = json.loads(line)
-        latest[(r["row"], r["train_lang"], r["lang"], r["test_set"])] = r
+        latest[(r["row"] + "".join(f" {x}" for x in r.get("extra", [])), r["train_lang"], r["lang"], r["test_set"])] = r
     head = ("| lang | test set | row (trained on) | token MSE | vs linear | pooled cos | R@1 | R@5 | train wall |\n"
             "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for (row, tl, lg, ts), r in sorted(latest.items(), key=lambda kv: (kv[0][2], kv[0][3], list(ROWS).index(kv[0][0]),
-                                                                      kv[0][1])):
+    order = {name: i for i, name in enumerate(ROWS)}
+    for (row, tl, lg, ts), r in sorted(latest.items(), key=lambda kv: (kv[0][2], kv[0][3],
+                                                                      order[kv[0][0].split()[0]], kv[0])):
         lin = latest.get(("linear", lg, lg, ts))
         delta = f"{100 * (r['token_mse'] / lin['token_mse'] - 1):+.1f}%" if lin else ""
         lines.append(f"| {lg} | {ts} | {row} ({tl}) | {r['token_mse']:.4f} | {delta} | {r['pooled_cosine']:.4f} | "

@@ -132,9 +132,14 @@ def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch
                              stats_rows()["target_mask"][: cfg.baseline_samples] if cfg.mse_on_mask else None)
     if cfg.linear_skip:  # deterministic closed form: every rank fits the same map
         mtn.init_linear_skip(linear_fit())
+        for p in (mtn.skip_channel, mtn.skip_sequence, mtn.skip_bias):
+            p.requires_grad_(False)
     disc = TokenDiscriminator(target_dim, cfg.disc_hidden_dim)
     module = MTNTrainModule(mtn, disc, cfg.loss_weights, cfg.mse_on_mask)
-    params = [p for name, p in module.named_parameters() if cfg.loss_adv or not name.startswith("disc.")]
+    # the fitted linear map stays fixed (Adam's per-step noise would only pull it off the ridge optimum): the mixer
+    # body learns the residual the linear map cannot explain
+    params = [p for name, p in module.named_parameters()
+              if (cfg.loss_adv or not name.startswith("disc.")) and p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
                                       config=deepspeed_config(cfg, micro_batch))
     return engine

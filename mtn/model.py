@@ -104,8 +104,9 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
             at the mean target and its body works in normalised units (GlueGen normalises targets per position);
             N sees targets normalised the same way.
         linear_skip: M = linear map + G(mixer body), with the linear map Y = P (X W) + B of mtn.baselines
-            (set from a ridge fit by `init_linear_skip`) and G a zero-initialised linear layer: M starts exactly
-            at the closed-form baseline, and training learns what a linear map cannot.
+            (set from a ridge fit by `init_linear_skip`; jobs/train_mtn.py keeps it fixed) and G a
+            zero-initialised linear layer: M starts exactly at the closed-form baseline, and training learns the
+            residual a linear map cannot explain.
     """
 
     @register_to_config

@@ -54,16 +54,18 @@ def test_extract_with_two_workers_then_train_from_the_cache(tmp_path):
         torch.testing.assert_close(got["target"].float(), want["target"], rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(got["source"].float(), want["source"], rtol=2e-3, atol=2e-3)
 
-    # train_mtn on the cache: no encoder is loaded, the linear baseline's margin is reported
+    # train_mtn on the cache (2 workers, ZeRO-2, M = fixed ridge map + mixer residual): no encoder is loaded,
+    # the linear baseline's margin is reported
     out = tmp_path / "run"
     proc, log = run("train_mtn.py", *TINY, *caches, f"output_dir={out}", "max_steps=3", "batch_size=8",
-                    "hidden_dim=16", cwd=tmp_path)
+                    "hidden_dim=16", "linear_skip=true", "num_workers=2", "zero_stage=2", cwd=tmp_path)
     assert proc.returncode == 0, log
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"val/token_mse", "val/linear_token_mse", "val/margin_token_mse_pct"} <= set(metrics)
     from mtn import load_translator
 
-    assert load_translator(out / "translator").encode(["a red car"]).shape == (1, 77, 48)
+    tr = load_translator(out / "translator")
+    assert tr.mtn.config.linear_skip and tr.encode(["a red car"]).shape == (1, 77, 48)
 
     # method=linear through the same job: a translator holding the closed-form map
     proc, log = run("train_mtn.py", *TINY, *caches, f"output_dir={tmp_path}/lin", "method=linear", cwd=tmp_path)
