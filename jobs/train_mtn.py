@@ -71,7 +71,7 @@ def setup_features(cfg: TrainConfig, device):
     if cfg.feature_cache:
         manifest = read_manifest(cfg.feature_cache)  # the driver already checked it against this config
         train = load_features(cfg.feature_cache, manifest)
-        val = load_features(cfg.val_feature_cache) if cfg.val_feature_cache else None
+        val = load_features(cfg.val_feature_cache) if cfg.val_feature_cache and cfg.max_val_samples else None
         specs = {side: {**manifest[side], "hidden_size": manifest[f"{side.split('_')[0]}_dim"]}
                  for side in ("source_encoder", "target_encoder")}
         return train, val, None, specs
