@@ -6,6 +6,10 @@ def s3_endpoint(monkeypatch):
     """A real S3 API on loopback (moto's server); the standard AWS settings point boto3/s3fs (and any subprocess
     or Ray worker started from here) at it. Yields the endpoint URL."""
     moto_server = pytest.importorskip("moto.server")
+    import s3fs
+
+    # fsspec caches filesystem instances: one made for an earlier test's server (another port) must not be reused
+    s3fs.S3FileSystem.clear_instance_cache()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     try:
@@ -17,3 +21,4 @@ def s3_endpoint(monkeypatch):
         yield url
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
