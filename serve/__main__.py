@@ -1,0 +1,102 @@
+"""`python -m serve`: the service on 127.0.0.1:8000 with the embedded default (tiny models, CPU).
+
+    python -m serve                                   # tiny SD pipeline + the default job's translator
+    python -m serve --port 8080 --host 0.0.0.0
+    python -m serve --config serve/config.yaml        # the first application's args of a serve-build YAML
+
+The default translator is outputs/local/translator, trained by `python jobs/train_mtn.py` first when missing
+(about 2 minutes on 2 cores); the tiny pipeline is built from configs into outputs/serve/tiny-sd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_args(root: Path = ROOT) -> dict:
+    """App args for the tiny demo: English -> the pipeline's own (tiny CLIP) encoder; every other language and
+    mixed prompts -> the one translator the default job trains (tiny T5 bytes, so any script tokenizes)."""
+    return {
+        "pipeline": str(root / "outputs/serve/tiny-sd"),
+        "translators": {"multi": str(root / "outputs/local/translator")},
+        "english_route": "native", "hybrid_route": "multi", "fallback_route": "multi",
+        "device": "cpu", "dtype": "float32",
+        "limits": {"max_width": 256, "max_height": 256, "max_steps": 50, "max_images": 4},
+        "defaults": {"num_inference_steps": 10, "guidance_scale": 5.0, "width": 64, "height": 64},
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+    }
+
+
+def prepare_default(args: dict, root: Path = ROOT) -> None:
+    """Build the tiny pipeline / train the default translator when they are missing (never overwrites)."""
+    pipe_dir = Path(args["pipeline"])
+    if not (pipe_dir / "model_index.json").is_file():
+        from mtn.pipeline import build_tiny_sd_pipeline
+
+        print(f"building the tiny Stable Diffusion pipeline -> {pipe_dir}", flush=True)
+        build_tiny_sd_pipeline().save_pretrained(pipe_dir)
+    translator = Path(args["translators"]["multi"])
+    if not (translator / "translator.json").is_file():
+        print("no default translator yet: training one with `python jobs/train_mtn.py` (about 2 min) ...", flush=True)
+        env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+        rc = subprocess.call([sys.executable, str(root / "jobs/train_mtn.py")], cwd=root, env=env)
+        if rc != 0 or not (translator / "translator.json").is_file():
+            sys.exit(f"error: the default training job failed (exit {rc}); run `python jobs/train_mtn.py` to see why")
+
+
+def args_from_config(path: str) -> dict:
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+        return doc["applications"][0]["args"]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+        sys.exit(f"error: {path} is not a serve config with applications[0].args ({type(e).__name__}: {e})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", help="serve-build YAML; its first application's args replace the tiny default")
+    ns = p.parse_args(argv)
+
+    from pydantic import ValidationError
+
+    from serve.config import AppArgs
+
+    args = args_from_config(ns.config) if ns.config else default_args()
+    try:
+        AppArgs.model_validate(args)
+    except ValidationError as e:
+        sys.exit(f"error: invalid app args: {e}")
+    if not ns.config:
+        prepare_default(args)
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    # the replicas import `serve.*` and `mtn.*` from the working tree
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, include_dashboard=False)
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.run(build_app(args), name="mtn", route_prefix="/")
+    print(f"MTN service ready on http://{ns.host}:{ns.port}/  (API docs: /docs; Ctrl-C stops it)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The generation core, free of Ray: one pipeline, translators per route, batches of compatible requests.
+
+A request becomes a Job (its embeddings already computed on its own route); jobs that agree on size, steps,
+guidance and sequence length run as ONE pipeline call. Each image has its own generator seeded from the
+request, so an image is the same whether it ran alone or in a batch of 8.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mtn.errors import MTNError
+from mtn.pipeline import load_pipeline, run_pipeline, text_embeddings
+from mtn.translator import load_translator
+from mtn.uris import fetch_folder
+from serve.config import NATIVE, AppArgs
+
+
+@dataclass
+class Job:
+    prompt_embeds: torch.Tensor  # [n, S_t, d_t], one row per image
+    negative_prompt_embeds: torch.Tensor  # [n, S_t, d_t]
+    seeds: list[int]  # n
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys can share a pipeline call."""
+        return (self.width, self.height, self.num_inference_steps, float(self.guidance_scale),
+                tuple(self.prompt_embeds.shape[1:]))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class GeneratorCore:
+    def __init__(self, args: AppArgs, cache_dir: str | None = None):
+        self.args = args
+        self.cache_dir = cache_dir
+        self.device = resolve_device(args.device)
+        # half precision is for accelerators; on CPU it is slower and some kernels lack fp16
+        self.dtype = getattr(torch, args.dtype) if self.device.type != "cpu" else torch.float32
+        self.pipe = load_pipeline(str(fetch_folder(args.pipeline, "model_index.json", cache_dir)), self.device,
+                                  self.dtype, args.scheduler)
+
+    def load_translator(self, route: str):
+        """None for the native route; else the translator behind `route` (raises MTNError when unusable)."""
+        if route == NATIVE:
+            return None
+        if route not in self.args.translators:
+            raise MTNError(f"no translator configured for route {route!r}")
+        path = fetch_folder(self.args.translators[route], "translator.json", self.cache_dir)
+        tr = load_translator(path, device=self.device, dtype=self.dtype)
+        d_t, cross = tr.target_shape[1], self.pipe.unet.config.cross_attention_dim
+        if d_t != cross:
+            raise MTNError(f"translator {route!r} outputs d_t={d_t}; this pipeline's UNet needs {cross}")
+        return tr
+
+    def make_job(self, translator, request: dict) -> Job:
+        """Embeddings for one validated request dict (prompt, negative_prompt, seed, num_images, ...)."""
+        n = request["num_images"]
+        pos, neg = text_embeddings(self.pipe, translator, [request["prompt"]], [request["negative_prompt"]])
+        return Job(pos.repeat_interleave(n, 0), neg.repeat_interleave(n, 0),  # [n, S_t, d_t] each
+                   [request["seed"] + k for k in range(n)], request["num_inference_steps"],
+                   request["guidance_scale"], request["width"], request["height"])
+
+    def run(self, jobs: list[Job]) -> list[dict]:
+        """One result per job: {"images": [base64 PNG], "batch_images": images in its pipeline call, "generate_ms"}."""
+        results: list[dict | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.key, []).append(i)
+        for idx in groups.values():
+            group = [jobs[i] for i in idx]
+            t = time.perf_counter()
+            with torch.inference_mode():
+                images = run_pipeline(
+                    self.pipe, torch.cat([j.prompt_embeds for j in group]),  # [sum n, S_t, d_t]
+                    torch.cat([j.negative_prompt_embeds for j in group]), [s for j in group for s in j.seeds],
+                    group[0].num_inference_steps, group[0].guidance_scale, group[0].width, group[0].height)
+            ms = (time.perf_counter() - t) * 1000
+            start = 0
+            for i, job in zip(idx, group, strict=True):
+                n = len(job.seeds)
+                results[i] = {"images": [png_base64(im) for im in images[start:start + n]],
+                              "batch_images": len(images), "batch_requests": len(group), "generate_ms": ms}
+                start += n
+        return results
+
+
+def png_base64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
