@@ -89,7 +89,7 @@ class _HandleBackend:
         return await self.handle.options(multiplexed_model_id=route).generate.remote(request)
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class Ingress:
     def __init__(self, generator: DeploymentHandle, args: dict):

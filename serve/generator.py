@@ -8,7 +8,9 @@ request, so an image is the same whether it ran alone or in a batch of 8.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import threading
 import time
 from dataclasses import dataclass
 
@@ -53,6 +55,8 @@ class GeneratorCore:
         self.dtype = getattr(torch, args.dtype) if self.device.type != "cpu" else torch.float32
         self.pipe = load_pipeline(str(fetch_folder(args.pipeline, "model_index.json", cache_dir)), self.device,
                                   self.dtype, args.scheduler)
+        # a pipeline call keeps per-call state (scheduler timesteps, PNDM history, guidance): one call at a time
+        self._lock = threading.Lock()
 
     def load_translator(self, route: str):
         """None for the native route; else the translator behind `route` (raises MTNError when unusable)."""
@@ -70,7 +74,8 @@ class GeneratorCore:
     def make_job(self, translator, request: dict) -> Job:
         """Embeddings for one validated request dict (prompt, negative_prompt, seed, num_images, ...)."""
         n = request["num_images"]
-        pos, neg = text_embeddings(self.pipe, translator, [request["prompt"]], [request["negative_prompt"]])
+        with self._lock if translator is None else _NO_LOCK:  # the native route runs the pipeline's text encoder
+            pos, neg = text_embeddings(self.pipe, translator, [request["prompt"]], [request["negative_prompt"]])
         return Job(pos.repeat_interleave(n, 0), neg.repeat_interleave(n, 0),  # [n, S_t, d_t] each
                    [request["seed"] + k for k in range(n)], request["num_inference_steps"],
                    request["guidance_scale"], request["width"], request["height"])
@@ -84,7 +89,7 @@ class GeneratorCore:
         for idx in groups.values():
             group = [jobs[i] for i in idx]
             t = time.perf_counter()
-            with torch.inference_mode():
+            with self._lock, torch.inference_mode():
                 images = run_pipeline(
                     self.pipe, torch.cat([j.prompt_embeds for j in group]),  # [sum n, S_t, d_t]
                     torch.cat([j.negative_prompt_embeds for j in group]), [s for j in group for s in j.seeds],
@@ -97,6 +102,9 @@ class GeneratorCore:
                               "batch_images": len(images), "batch_requests": len(group), "generate_ms": ms}
                 start += n
         return results
+
+
+_NO_LOCK = contextlib.nullcontext()
 
 
 def png_base64(image) -> str:
