@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from mtn.errors import MTNError
-from mtn.pipeline import (build_tiny_sd_pipeline, check_takes_embeddings, generate, load_pipeline, run_pipeline,
-                          set_scheduler, text_embeddings)
+from mtn.pipeline import (
+    build_tiny_sd_pipeline,
+    check_takes_embeddings,
+    generate,
+    load_pipeline,
+    run_pipeline,
+    set_scheduler,
+    text_embeddings,
+)
 from mtn.translator import load_translator
 
 KW = dict(num_inference_steps=2, width=32, height=32, guidance_scale=5.0)
