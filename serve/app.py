@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.api import PAGE, GenerateRequest, GenerateResponse, RequestError, Service
 from serve.config import NATIVE, AppArgs
-from serve.generator import GeneratorCore, Job
+from serve.generator import GeneratorCore
 
 log = logging.getLogger("mtn.serve")
 api = FastAPI(title="MTN multilingual text-to-image", version="0.1.0",
@@ -67,18 +67,15 @@ class Generator:
     async def generate(self, request: dict) -> dict:
         route = serve.get_multiplexed_model_id() or NATIVE
         t0 = time.perf_counter()
-        translator = await self._translator(route)
-        job = await asyncio.to_thread(self.core.make_job, translator, request)
-        t1 = time.perf_counter()
-        out = await self._batched(job)
-        t2 = time.perf_counter()
+        translator = await self._translator(route)  # cached per replica after the first request of a route
+        out = await self._batched((translator, request))
         return {"images": out["images"], "batch": {"images": out["batch_images"], "requests": out["batch_requests"]},
-                "timings": {"encode_ms": (t1 - t0) * 1000, "generate_ms": out["generate_ms"],
-                            "queue_ms": (t2 - t1) * 1000 - out["generate_ms"]}}
+                "timings": {"encode_ms": out["encode_ms"], "generate_ms": out["generate_ms"],
+                            "queue_ms": (time.perf_counter() - t0) * 1000 - out["encode_ms"] - out["generate_ms"]}}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batched(self, jobs: list[Job]) -> list[dict]:
-        return await asyncio.to_thread(self.core.run, jobs)
+    async def _batched(self, items: list[tuple]) -> list[dict]:
+        return await asyncio.to_thread(self.core.run, items)
 
 
 class _HandleBackend:

@@ -1,7 +1,7 @@
 """The generation core, free of Ray: one pipeline, translators per route, batches of compatible requests.
 
-A request becomes a Job (its embeddings already computed on its own route); jobs that agree on size, steps,
-guidance and sequence length run as ONE pipeline call. Each image has its own generator seeded from the
+A batch of requests is encoded with one text-encoder call per route, then requests that agree on size,
+steps, guidance and sequence length run as ONE pipeline call. Each image has its own generator seeded from the
 request, so an image is the same whether it ran alone or in a batch of 8.
 """
 
@@ -71,17 +71,31 @@ class GeneratorCore:
             raise MTNError(f"translator {route!r} outputs d_t={d_t}; this pipeline's UNet needs {cross}")
         return tr
 
-    def make_job(self, translator, request: dict) -> Job:
-        """Embeddings for one validated request dict (prompt, negative_prompt, seed, num_images, ...)."""
-        n = request["num_images"]
-        with self._lock if translator is None else _NO_LOCK:  # the native route runs the pipeline's text encoder
-            pos, neg = text_embeddings(self.pipe, translator, [request["prompt"]], [request["negative_prompt"]])
-        return Job(pos.repeat_interleave(n, 0), neg.repeat_interleave(n, 0),  # [n, S_t, d_t] each
-                   [request["seed"] + k for k in range(n)], request["num_inference_steps"],
-                   request["guidance_scale"], request["width"], request["height"])
+    def make_jobs(self, items: list[tuple[object, dict]]) -> list[Job]:
+        """Embeddings for validated request dicts, one text-encoder call per distinct translator.
+        items: (translator or None, request with prompt, negative_prompt, seed, num_images, ...)."""
+        jobs: list[Job | None] = [None] * len(items)
+        by_route: dict[int, list[int]] = {}
+        for i, (translator, _) in enumerate(items):
+            by_route.setdefault(id(translator), []).append(i)
+        for idx in by_route.values():
+            translator, reqs = items[idx[0]][0], [items[i][1] for i in idx]
+            with self._lock if translator is None else _NO_LOCK:  # native: the pipeline's own text encoder
+                pos, neg = text_embeddings(self.pipe, translator, [r["prompt"] for r in reqs],
+                                           [r["negative_prompt"] for r in reqs])  # [b, S_t, d_t] each
+            for k, (i, r) in enumerate(zip(idx, reqs, strict=True)):
+                n = r["num_images"]
+                jobs[i] = Job(pos[k:k + 1].repeat_interleave(n, 0), neg[k:k + 1].repeat_interleave(n, 0),  # [n, S, d]
+                              [r["seed"] + j for j in range(n)], r["num_inference_steps"], r["guidance_scale"],
+                              r["width"], r["height"])
+        return jobs
 
-    def run(self, jobs: list[Job]) -> list[dict]:
-        """One result per job: {"images": [base64 PNG], "batch_images": images in its pipeline call, "generate_ms"}."""
+    def run(self, items: list[tuple[object, dict]]) -> list[dict]:
+        """One result per (translator, request): {"images": [base64 PNG], "batch_images", "batch_requests",
+        "encode_ms", "generate_ms"}. Requests that agree on Job.key share one pipeline call."""
+        t = time.perf_counter()
+        jobs = self.make_jobs(items)
+        encode_ms = (time.perf_counter() - t) * 1000
         results: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -98,7 +112,7 @@ class GeneratorCore:
             start = 0
             for i, job in zip(idx, group, strict=True):
                 n = len(job.seeds)
-                results[i] = {"images": [png_base64(im) for im in images[start:start + n]],
+                results[i] = {"images": [png_base64(im) for im in images[start:start + n]], "encode_ms": encode_ms,
                               "batch_images": len(images), "batch_requests": len(group), "generate_ms": ms}
                 start += n
         return results

@@ -1,7 +1,10 @@
 """The service logic without Ray: validation, limits, routing, error mapping; model URIs."""
 
 import asyncio
+import base64
+import io
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -140,3 +143,36 @@ def test_fetch_from_mlflow_run(tiny_serving, tmp_path, monkeypatch):
     assert (local / "mtn" / "config.json").is_file()
     with pytest.raises(MTNError, match="cannot download runs:/0000"):
         fetch_folder("runs:/0000/translator", "translator.json", cache_dir=tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------------------- generation core
+
+
+def test_generator_core_groups_compatible_requests_and_is_batch_invariant(tiny_serving):
+    from serve.generator import GeneratorCore
+
+    core = GeneratorCore(AppArgs.model_validate({"pipeline": str(tiny_serving[0]), "device": "cpu",
+                                                 "translators": {"de": str(tiny_serving[1])}}))
+    tr = core.load_translator("de")
+    assert core.load_translator("native") is None
+
+    def req(seed, size=32, n=1):
+        return {"prompt": f"ein Hund {seed}", "negative_prompt": "", "num_inference_steps": 2, "guidance_scale": 5.0,
+                "width": size, "height": size, "seed": seed, "num_images": n}
+
+    items = [(tr, req(1, n=2)), (None, req(2)), (tr, req(3, size=48)), (tr, req(4))]
+    out = core.run(items)
+    assert [o["batch_requests"] for o in out] == [3, 3, 1, 3] and out[0]["batch_images"] == 4
+    assert [len(o["images"]) for o in out] == [2, 1, 1, 1]
+    alone = [core.run([it])[0] for it in items]
+    for a, o in zip(alone, out, strict=True):  # batching changes no image (beyond float reassociation)
+        for x, y in zip(a["images"], o["images"], strict=True):
+            assert np.abs(pixels(x) - pixels(y)).max() <= 1
+    with pytest.raises(MTNError, match="no translator configured for route 'fr'"):
+        core.load_translator("fr")
+
+
+def pixels(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.float64)

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve.__main__ import args_from_config, default_args
+from serve.config import AppArgs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_serve_config_passes_ray_schema_and_app_args():
+    doc = yaml.safe_load((ROOT / "serve/config.yaml").read_text())
+    ServeDeploySchema.model_validate(doc)
+    app = doc["applications"][0]
+    assert app["import_path"] == "serve.app:build_app"
+    AppArgs.model_validate(args_from_config(str(ROOT / "serve/config.yaml")))
+    assert {d["name"] for d in app["deployments"]} == {"Generator", "Ingress"}
+
+
+def test_default_args_are_valid(tmp_path):
+    args = AppArgs.model_validate(default_args(tmp_path))
+    assert args.translators == {"multi": str(tmp_path / "outputs/local/translator")} and args.device == "cpu"
+
+
+def test_build_app_validates_before_any_replica():
+    import pytest
+    from pydantic import ValidationError
+
+    from serve.app import build_app
+
+    with pytest.raises(ValidationError, match="hybrid_route"):
+        build_app({"pipeline": "x", "hybrid_route": "zz"})
+    assert build_app({"pipeline": "x"}) is not None
+
+
+def test_python_m_serve_bad_config_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications: [{args: {pipeline: x, scheduler: euler}}]\n")
+    for argv, msg in (([str(tmp_path / "missing.yaml")], "is not a serve config"), ([str(bad)], "invalid app args")):
+        p = subprocess.run([sys.executable, "-m", "serve", "--config", *argv], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
