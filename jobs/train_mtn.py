@@ -20,17 +20,17 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from mtn.baselines import fit_linear_map, fit_pooled_linear, predict
+from mtn.baselines import baseline_rows, fit_baseline, linear_margin
 from mtn.config import REPO_ROOT, TrainConfig, load_config
 from mtn.data import config_files, config_pairs
 from mtn.data.corpus import batch_indices
 from mtn.data.features import check_cache, encode_rows, expected_record, load_features, read_manifest
+from mtn.distributed import STATE_FILE, fit, load_checkpoint, report
 from mtn.encoders import load_text_encoder
 from mtn.errors import MTNError
 from mtn.losses import mtn_losses
@@ -39,8 +39,6 @@ from mtn.model import ModelTranslationNetwork, TokenDiscriminator
 from mtn.tracking import MLflowTracker, save_loss_curve
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
-STATE_FILE = "train_state.json"
-DS_TAG = "deepspeed"
 
 
 class MTNTrainModule(torch.nn.Module):
@@ -155,13 +153,6 @@ def train_rows(train, encoders, idx, full_target: bool) -> dict:
         return encode_rows(*encoders, [train[i] for i in idx.tolist()], full_target=full_target, batch_size=len(idx))
 
 
-def baseline_rows(cfg: TrainConfig, train, encoders) -> dict:
-    """Training rows for a closed-form fit: the whole cache, or the first `baseline_samples` pairs encoded."""
-    if encoders is None:
-        return train
-    return encode_rows(*encoders, train[: cfg.baseline_samples], full_target=not cfg.mse_on_mask)
-
-
 @torch.no_grad()
 def validate(engine, val, dtype, batch_size: int = 128) -> dict:
     """Every rank runs the whole (small) val set: under ZeRO-3 the forward is collective."""
@@ -173,43 +164,7 @@ def validate(engine, val, dtype, batch_size: int = 128) -> dict:
     return {f"val/{k}": v for k, v in alignment_metrics(torch.cat(preds), val["target"], val["target_mask"]).items()}
 
 
-def fit_baseline(cfg: TrainConfig, method: str, rows: dict, val: dict | None):
-    """Closed-form fit on rank 0 -> (model, {val/...} metrics)."""
-    if method == "linear":
-        model = fit_linear_map(rows, cfg.ridge_alpha, on_mask=cfg.mse_on_mask,
-                               progress=lambda i, n: print(f"linear map: ALS pass {i}/{n}"))
-    else:
-        model = fit_pooled_linear(rows, cfg.ridge_alpha)
-    metrics = {} if val is None else {f"val/{k}": v for k, v in alignment_metrics(
-        predict(model, val), val["target"], val["target_mask"]).items()}
-    return model, metrics
-
-
-def linear_margin(linear_fit, val: dict | None, metrics: dict) -> dict:
-    """The MTN's margin over the linear map fitted on the same data: positive = the MTN is better."""
-    if val is None or "val/token_mse" not in metrics:
-        return {}
-    lin = {f"val/{k}": v for k, v in alignment_metrics(predict(linear_fit(), val), val["target"],
-                                                       val["target_mask"]).items()}
-    out = {f"val/linear_{k.removeprefix('val/')}": v for k, v in lin.items()}
-    out["val/margin_token_mse_pct"] = 100.0 * (1.0 - metrics["val/token_mse"] / lin["val/token_mse"])
-    out["val/margin_pooled_cosine"] = metrics["val/pooled_cosine"] - lin["val/pooled_cosine"]
-    out["val/margin_r@1"] = metrics["val/r@1"] - lin["val/r@1"]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- checkpoints
-def load_checkpoint(engine) -> dict:
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return {"step": 0, "history": [], "mlflow_run_id": None}
-    with ckpt.as_directory() as d:
-        engine.load_checkpoint(d, tag=DS_TAG)
-        return json.loads((Path(d) / STATE_FILE).read_text())
-
-
 def save_translator(model, encoders, specs: dict, cfg: TrainConfig, state: dict, out_dir: Path):
     from mtn.translator import BUNDLED_ENCODER, save_translator_folder
 
@@ -240,20 +195,6 @@ def write_final_artifacts(tmp: Path, engine, encoders, specs, cfg, state, metric
         save_loss_curve(state["history"], tmp / "loss_curve.png")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         tracker.finish(tmp / "translator", tmp / "loss_curve.png", metrics)
-
-
-def report(engine, state: dict, metrics: dict, rank: int, final_extra=None):
-    """Checkpoint every rank's DeepSpeed shard + the loop state, and hand it to Ray Train."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if engine is not None:
-            engine.save_checkpoint(tmp, tag=DS_TAG)
-        if final_extra is not None:
-            final_extra(Path(tmp))
-        if rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -294,7 +235,7 @@ def train_loop_per_worker(config: dict):
     engine = setup_engine(cfg, specs["source_encoder"]["hidden_size"], specs["target_encoder"]["hidden_size"],
                           per_worker, rows, linear_fit)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-    state = load_checkpoint(engine)
+    state = load_checkpoint(engine, {"step": 0, "history": [], "mlflow_run_id": None})
     if rank == 0 and state["step"]:
         print(f"resuming from the checkpoint at step {state['step']} (same name + storage_path); "
               f"give another name=... for a fresh run")
@@ -409,32 +350,9 @@ def prepare_config(path, overrides) -> TrainConfig:
 
 
 def run(cfg: TrainConfig):
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     if "://" not in cfg.output_dir:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    env = {"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}
-    started_here = not ray.is_initialized()
-    if started_here:
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        local = {} if address else {"num_cpus": max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker)}
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, **local)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep)),
-    )
-    result = trainer.fit()
-    if started_here:
-        ray.shutdown()  # stops the workers' progress-bar forwarding before the summary prints
-    return publish(cfg, result)
+    return publish(cfg, fit(train_loop_per_worker, cfg))
 
 
 def publish(cfg: TrainConfig, result) -> dict | None:

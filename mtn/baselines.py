@@ -144,3 +144,44 @@ def predict(model, feats: dict, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([model.encode(feats["source"][i:i + batch_size].to(p.device, p.dtype),
                                    feats["source_mask"][i:i + batch_size].to(p.device)).float().cpu()
                       for i in range(0, len(feats["source"]), batch_size)])
+
+
+# --------------------------------------------------------------------------- in the training job
+
+
+def baseline_rows(cfg, train, encoders) -> dict:
+    """Training rows for a closed-form fit: the whole cache, or the first `baseline_samples` pairs encoded."""
+    from mtn.data.features import encode_rows
+
+    if encoders is None:
+        return train
+    return encode_rows(*encoders, train[: cfg.baseline_samples], full_target=not cfg.mse_on_mask)
+
+
+def fit_baseline(cfg, method: str, rows: dict, val: dict | None):
+    """Closed-form fit on rank 0 -> (model, {val/...} metrics)."""
+    from mtn.metrics import alignment_metrics
+
+    if method == "linear":
+        model = fit_linear_map(rows, cfg.ridge_alpha, on_mask=cfg.mse_on_mask,
+                               progress=lambda i, n: print(f"linear map: ALS pass {i}/{n}"))
+    else:
+        model = fit_pooled_linear(rows, cfg.ridge_alpha)
+    metrics = {} if val is None else {f"val/{k}": v for k, v in alignment_metrics(
+        predict(model, val), val["target"], val["target_mask"]).items()}
+    return model, metrics
+
+
+def linear_margin(linear_fit, val: dict | None, metrics: dict) -> dict:
+    """The MTN's margin over the linear map fitted on the same data: positive = the MTN is better."""
+    from mtn.metrics import alignment_metrics
+
+    if val is None or "val/token_mse" not in metrics:
+        return {}
+    lin = {f"val/{k}": v for k, v in alignment_metrics(predict(linear_fit(), val), val["target"],
+                                                       val["target_mask"]).items()}
+    out = {f"val/linear_{k.removeprefix('val/')}": v for k, v in lin.items()}
+    out["val/margin_token_mse_pct"] = 100.0 * (1.0 - metrics["val/token_mse"] / lin["val/token_mse"])
+    out["val/margin_pooled_cosine"] = metrics["val/pooled_cosine"] - lin["val/pooled_cosine"]
+    out["val/margin_r@1"] = metrics["val/r@1"] - lin["val/r@1"]
+    return out

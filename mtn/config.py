@@ -146,6 +146,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_REF = re.compile(r"\{(\w+)\}")
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -186,12 +187,10 @@ def _resolve(raw: dict) -> dict:
         for k, v in out.items():
             if k.endswith("_file") and isinstance(v, str) and "{source_lang}" in v:
                 out[k] = ",".join(v.replace("{source_lang}", lang) for lang in langs)
-    for _ in range(4):
+    for _ in range(4):  # {field} -> its value; other braces (e.g. shard ranges {00000..00099}) stay as they are
         fmt = {k: ("" if v is None else v) for k, v in out.items()}
-        try:
-            out = {k: v.format(**fmt) if isinstance(v, str) else v for k, v in out.items()}
-        except (KeyError, IndexError, ValueError) as e:
-            raise MTNError(f"config: bad {{...}} reference in a string value: {e}") from None
+        out = {k: _REF.sub(lambda m: str(fmt[m.group(1)]) if m.group(1) in fmt else m.group(0), v)
+               if isinstance(v, str) else v for k, v in out.items()}
     return {k: os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v for k, v in out.items()}
 
 
@@ -209,7 +208,9 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls=TrainConfig):
+    """YAML + overrides -> `cls` (TrainConfig by default; any flat dataclass, e.g. FinetuneConfig)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -222,15 +223,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(raw, dict):
             raise MTNError(f"config {path} must be a mapping of key: value")
     raw.update(parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {}))
-    unknown = [k for k in raw if k not in FIELDS]
+    unknown = [k for k in raw if k not in fields]
     if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else "")
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, fields, 1)) else "")
                  for k in unknown]
         raise MTNError(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}")
-    defaults = {k: f.default for k, f in FIELDS.items() if f.default is not dataclasses.MISSING}
+    defaults = {k: f.default for k, f in fields.items() if f.default is not dataclasses.MISSING}
     merged = _resolve({**defaults, **raw})
-    hints = typing.get_type_hints(TrainConfig)
-    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in merged.items()})
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in merged.items()})
 
 
 def config_field_names() -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 class MLflowTracker:
-    def __init__(self, cfg, run_id: str | None = None):
+    def __init__(self, cfg, run_id: str | None = None, job: str = "train_mtn"):
         import mlflow
 
         self.mlflow = mlflow
@@ -29,7 +29,7 @@ class MLflowTracker:
         else:
             self.run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.name)
             mlflow.log_params({k: ("" if v is None else v) for k, v in cfg.to_dict().items()})
-            mlflow.set_tags({"mtn.job": "train_mtn", "mtn.host": os.uname().nodename})
+            mlflow.set_tags({"mtn.job": job, "mtn.host": os.uname().nodename})
         self.run_id = self.run.info.run_id
 
     def log_metrics(self, metrics: dict, step: int) -> None:
@@ -42,6 +42,27 @@ class MLflowTracker:
         self.mlflow.log_artifacts(str(translator_dir), artifact_path="translator")
         self.mlflow.log_dict(final_metrics, "metrics.json")
         self.mlflow.end_run()
+
+
+def register_folder(mlflow, name: str, run_id: str, artifact_path: str) -> str:
+    """Register an artifact folder of a run (a diffusers pipeline, a translator) as a new version of `name`;
+    -> "models:/<name>/<version>", which serve/ and mtn.uris.fetch_folder accept."""
+    client = mlflow.MlflowClient()
+    if not _exists(client, name):
+        client.create_registered_model(name)
+    run = client.get_run(run_id)
+    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id)
+    return f"models:/{name}/{mv.version}"
+
+
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
 
 
 def save_loss_curve(history: list[dict], path: str | Path) -> Path:

@@ -28,19 +28,9 @@ def s3_endpoint(monkeypatch):
 def tiny_serving(tmp_path_factory):
     """Folders for serving tests: a tiny SD pipeline (text encoder = tiny:clip) and an untrained tiny translator
     (tiny:t5 bundled -> tiny:clip space), written exactly as users' folders are. Returns (pipeline, translator)."""
-    import torch
-
-    from mtn import ModelTranslationNetwork
-    from mtn.encoders import load_text_encoder
-    from mtn.pipeline import build_tiny_sd_pipeline
-    from mtn.translator import Translator
+    from mtn.pipeline import build_tiny_sd_pipeline, build_tiny_translator
 
     root = tmp_path_factory.mktemp("serving")
     build_tiny_sd_pipeline(seed=0).save_pretrained(root / "tiny-sd")
-    source = load_text_encoder("tiny:t5", max_length=16)
-    torch.manual_seed(0)
-    mtn = ModelTranslationNetwork(source_dim=source.hidden_size, target_dim=48, source_len=16, target_len=77,
-                                  num_modules=1, hidden_dim=32)
-    target_spec = {"name_or_path": "tiny:clip", "max_length": 77, "prefix": ""}
-    Translator(source, mtn, {"target_encoder": target_spec}).save(root / "translator", bundle_source_encoder=True)
+    build_tiny_translator(seed=0).save(root / "translator", bundle_source_encoder=True)
     return root / "tiny-sd", root / "translator"

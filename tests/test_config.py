@@ -4,6 +4,7 @@ import pytest
 
 from mtn.config import TrainConfig, load_config
 from mtn.errors import MTNError
+from mtn.finetune_config import FinetuneConfig
 
 CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
 
@@ -16,6 +17,10 @@ def test_configs_exist():
 def test_every_config_instantiates(path):
     text = path.read_text()
     assert "python jobs/" in text.split("\n\n")[0], f"{path.name}: header must show the command that runs it"
+    if "python jobs/finetune_unet.py" in text.split("\n\n")[0]:
+        cfg = load_config(path, cls=FinetuneConfig)
+        assert "{output_dir}" not in cfg.train_shards + cfg.storage_path and "{" not in cfg.output_dir
+        return
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)
     assert "{" not in cfg.output_dir and "${" not in cfg.source_encoder

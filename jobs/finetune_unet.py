@@ -1,0 +1,407 @@
+"""Finetune a diffusion UNet on text from a new language model through an MTN (the paper's "T5+MTN+FT" stage).
+
+    python jobs/finetune_unet.py                                     # jobs/configs/finetune_local.yaml: tiny, CPU
+    python jobs/finetune_unet.py --config jobs/configs/finetune_sd14_t5.yaml
+    ray job submit --working-dir . -- python jobs/finetune_unet.py --config jobs/configs/finetune_sd14_t5.yaml
+
+Streams img2dataset webdataset shards (s3:// or local; mtn/data/shards.py) into each Ray Train worker, encodes
+the captions with the frozen source LM + MTN (or trains the MTN jointly at `mtn_lr`), encodes images with the
+frozen VAE, and trains the UNet on the DDPM loss (epsilon or v from the scheduler config, optional min-SNR-gamma,
+noise offset, caption dropout) under DeepSpeed ZeRO. Checkpoints (DeepSpeed shards, EMA, each rank's data
+position) go through `ray.train.report` to `storage_path`; a failed worker is replaced and training resumes
+from the last checkpoint mid-epoch (`max_failures`). Rank 0 logs losses, throughput, data-wait time and a
+fixed-seed validation grid to MLflow, and saves the final pipeline (EMA weights when enabled) + the translator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mtn.config import REPO_ROOT, load_config
+from mtn.diffusion import EMA, diffusion_loss, drop_captions, image_grid, sample_noise
+from mtn.distributed import fit, load_checkpoint, lr_factor, report
+from mtn.errors import MTNError
+from mtn.finetune_config import FinetuneConfig
+from mtn.tracking import MLflowTracker, register_folder
+
+DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "finetune_local.yaml"
+
+
+class FinetuneModule(torch.nn.Module):
+    """UNet (+ the MTN when it trains jointly) in one module: one DeepSpeed engine, two learning rates."""
+
+    def __init__(self, unet, mtn=None):
+        super().__init__()
+        self.unet, self.mtn = unet, mtn
+
+    def forward(self, noisy, timesteps, cond):
+        # cond: prompt embeddings [B, S_t, d_t], or (source hidden [B, S_s, d_s], mask [B, S_s]) for the MTN
+        enc = self.mtn.encode(*cond) if self.mtn is not None else cond  # [B, S_t, d_t]
+        return self.unet(noisy, timesteps, encoder_hidden_states=enc).sample  # [B, 4, h, w]
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def setup_models(cfg: FinetuneConfig, device, dtype):
+    """-> (pipe with UNet/VAE/text encoder, DDPM noise scheduler, translator or None)."""
+    from diffusers import DDPMScheduler
+
+    from mtn.pipeline import build_tiny_sd_pipeline, build_tiny_translator, load_pipeline
+    from mtn.translator import load_translator
+    from mtn.uris import fetch_folder
+
+    if cfg.pipeline == "tiny":
+        pipe = build_tiny_sd_pipeline(seed=cfg.seed)
+    else:
+        pipe = load_pipeline(str(fetch_folder(cfg.pipeline, "model_index.json")) if "://" in cfg.pipeline
+                             or cfg.pipeline.startswith(("runs:/", "models:/")) else cfg.pipeline)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    cross = pipe.unet.config.cross_attention_dim
+    if cfg.translator is None:
+        translator = None
+    elif cfg.translator == "tiny":
+        translator = build_tiny_translator(target_dim=cross, seed=cfg.seed)
+    else:
+        translator = load_translator(fetch_folder(cfg.translator, "translator.json"))
+    if translator is not None and translator.target_shape[1] != cross:
+        raise MTNError(f"the translator outputs d_t={translator.target_shape[1]}, the UNet needs {cross}")
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.to(device)
+    pipe.vae.to(dtype=dtype)
+    if translator is not None:
+        translator.to(device=device)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    return pipe, noise_scheduler, translator
+
+
+def deepspeed_config(cfg: FinetuneConfig) -> dict:
+    zero = {"stage": cfg.zero_stage, **({"offload_optimizer": {"device": "cpu"}} if cfg.offload_optimizer else {})}
+    return {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.grad_clip, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False, "bf16": {"enabled": cfg.precision == "bf16"},
+            "fp16": {"enabled": cfg.precision == "fp16"}, "steps_per_print": 10**9}
+
+
+def setup_engine(cfg: FinetuneConfig, pipe, translator):
+    """DeepSpeed engine over UNet (+ MTN); our AdamW keeps one lr per group, LambdaLR scales both alike."""
+    import deepspeed
+
+    mtn = translator.mtn if (cfg.train_mtn and translator is not None) else None
+    module = FinetuneModule(pipe.unet, mtn)
+    groups = [{"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if mtn is not None:
+        groups.append({"params": [p for p in mtn.parameters() if p.requires_grad], "lr": cfg.mtn_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg))
+    return engine
+
+
+def setup_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batches: int):
+    from mtn.data.shards import ShardStream, StreamConfig, list_shards, make_loader
+
+    stream_cfg = StreamConfig(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                              shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                              min_caption_chars=cfg.min_caption_chars, min_image_size=cfg.min_image_size)
+    stream = ShardStream(list_shards(cfg.train_shards), stream_cfg, rank=rank, world_size=world, epoch=epoch,
+                         skip_batches=skip_batches, batch_size=cfg.micro_batch)
+    return make_loader(stream, cfg.micro_batch, num_workers=cfg.loader_workers)
+
+
+# ----------------------------------------------------------------------------------------------- one step
+def conditioning(cfg: FinetuneConfig, pipe, translator, captions: list[str], device):
+    """Prompt embeddings [B, S_t, d_t] from the frozen route, or (hidden, mask) when the MTN trains."""
+    with torch.no_grad():
+        if translator is None:  # plain SD finetune with its own text encoder
+            return pipe.encode_prompt(captions, device, 1, False)[0]
+        if cfg.train_mtn:
+            hidden, mask = translator.source_encoder(captions, zero_pad=True)  # [B, S_s, d_s], [B, S_s]
+            return hidden.to(device), mask.to(device)
+        return translator.encode(captions).to(device)
+
+
+def micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen: torch.Generator, rng: random.Random,
+               dtype) -> float:
+    device = engine.device
+    pixels = batch["pixel_values"].to(device, dtype)  # [b, 3, R, R] in [-1, 1]
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+    latents = latents.to(dtype)  # [b, 4, R/f, R/f]
+    noise = sample_noise(latents, gen, cfg.noise_offset)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
+                      device=device)  # [b]
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    cond = conditioning(cfg, pipe, translator, drop_captions(batch["captions"], cfg.caption_dropout, rng), device)
+    cond = tuple(c.to(dtype) if c.is_floating_point() else c for c in cond) if isinstance(cond, tuple) \
+        else cond.to(dtype)
+    loss = diffusion_loss(engine(noisy, t, cond), latents, noise, t, noise_scheduler, cfg.snr_gamma)
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def gathered(engine, cfg: FinetuneConfig):
+    """Whole weights for rank 0's pipeline calls: a no-op unless ZeRO-3 shards the parameters."""
+    if cfg.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+@torch.no_grad()
+def validation_grid(cfg: FinetuneConfig, pipe, translator, unet):
+    """Fixed prompts and seeds -> one PIL grid (a row per prompt, images at the training resolution)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from mtn.pipeline import generate
+
+    val_pipe = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                       unet=unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    val_pipe.set_progress_bar_config(disable=True)
+    prompts = cfg.prompts
+    was_training = unet.training
+    unet.eval()
+    images = generate(val_pipe, translator, prompts, seeds=[cfg.val_seed] * len(prompts), num_images=2,
+                      num_inference_steps=cfg.val_steps, guidance_scale=cfg.val_guidance_scale,
+                      width=cfg.resolution, height=cfg.resolution)
+    unet.train(was_training)
+    return image_grid(images, cols=2)
+
+
+def save_final(tmp: Path, cfg, pipe, translator, engine, ema, state, tracker) -> None:
+    """Rank 0: pipeline/ (EMA weights when enabled) and translator/ with save_pretrained, logged + registered."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(engine.module.unet.config)
+    unet.load_state_dict({k: v.detach().float().cpu() for k, v in engine.module.unet.state_dict().items()})
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    final = type(pipe)(**{**pipe.components, "unet": unet})
+    final.to("cpu", torch.float32).save_pretrained(tmp / "pipeline")
+    if translator is not None:
+        translator.mtn.float().cpu()
+        translator.save(tmp / "translator", training={"finetune": cfg.to_dict(), "steps": state["step"]})
+    (tmp / "metrics.json").write_text(json.dumps(state.get("final_metrics", {}), indent=2))
+    tracker.mlflow.log_artifacts(str(tmp / "pipeline"), "pipeline")
+    if translator is not None:
+        tracker.mlflow.log_artifacts(str(tmp / "translator"), "translator")
+    if cfg.register_model:
+        uri = register_folder(tracker.mlflow, cfg.register_model, tracker.run_id, "pipeline")
+        tracker.mlflow.set_tag("mtn.registered_model", uri)
+        print(f"registered the pipeline as {uri}")
+    tracker.mlflow.end_run()
+
+
+# ----------------------------------------------------------------------------------------------- loop
+def checkpoint_extra(rank: int, data_pos: dict, ema):
+    """Per-rank data position (exact mid-epoch resume) and rank 0's EMA weights, beside the DeepSpeed shards."""
+    from safetensors.torch import save_file
+
+    def write(d: Path) -> None:
+        (d / f"data_rank{rank}.json").write_text(json.dumps(data_pos))
+        if ema is not None:
+            st = ema.state_dict()
+            save_file(st["shadow"], str(d / "ema.safetensors"))
+            (d / "ema.json").write_text(json.dumps({"decay": st["decay"], "updates": st["updates"]}))
+
+    return write
+
+
+def restore_extra(rank: int, data_pos: dict, ema):
+    from safetensors.torch import load_file
+
+    def read(d: Path) -> None:
+        if (d / f"data_rank{rank}.json").is_file():
+            data_pos.update(json.loads((d / f"data_rank{rank}.json").read_text()))
+        else:  # another world size than the checkpoint's: positions do not map, restart the epoch
+            print(f"rank {rank}: no data position in the checkpoint (world size changed?); epoch restarts")
+        if ema is not None and (d / "ema.safetensors").is_file():
+            ema.load_state_dict({**json.loads((d / "ema.json").read_text()), "shadow": load_file(d / "ema.safetensors")})
+
+    return read
+
+
+def train_loop_per_worker(config: dict):
+    import ray.train
+    from ray.experimental.tqdm_ray import tqdm
+
+    cfg = FinetuneConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    pipe, noise_scheduler, translator = setup_models(cfg, device, dtype)
+    engine = setup_engine(cfg, pipe, translator)
+    ema = EMA(engine.module.unet.parameters(), cfg.ema_decay) if cfg.ema_decay and rank == 0 else None
+    data_pos = {"epoch": 0, "batches": 0}
+    state = load_checkpoint(engine, {"step": 0, "mlflow_run_id": None, "history": []},
+                            restore_extra(rank, data_pos, ema))
+    if rank == 0 and state["step"]:
+        print(f"resuming from the checkpoint at step {state['step']} (epoch {data_pos['epoch']}, "
+              f"{data_pos['batches']} batches into it)")
+    tracker = MLflowTracker(cfg, state["mlflow_run_id"], job="finetune_unet") if rank == 0 else None
+    if tracker:
+        state["mlflow_run_id"] = tracker.run_id
+    loader = iter(setup_data(cfg, rank, world, data_pos["epoch"], data_pos["batches"]))
+    fail_at = int(os.environ.get("MTN_FAIL_AT_STEP", "0"))  # fault injection for the restart test
+    bar = tqdm(total=cfg.max_steps, desc="finetune_unet") if rank == 0 else None
+    if bar:
+        bar.update(state["step"])
+    engine.module.train()
+    skipped: dict[str, int] = {}
+    t_start, images, wait = time.perf_counter(), 0, 0.0
+    for step in range(state["step"] + 1, cfg.max_steps + 1):
+        losses = []
+        for micro in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            try:
+                batch = next(loader)
+            except StopIteration:  # this rank's share of the epoch is done: the next epoch reshuffles shards
+                data_pos.update(epoch=data_pos["epoch"] + 1, batches=0)
+                loader = iter(setup_data(cfg, rank, world, data_pos["epoch"], 0))
+                batch = next(loader)
+            wait += time.perf_counter() - t0
+            data_pos["batches"] += 1
+            for k, v in batch.get("stats", {}).items():
+                skipped[k] = skipped.get(k, 0) + v
+            gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank * 17 + micro)
+            rng = random.Random(cfg.seed * 7919 + step * 31 + rank * 3 + micro)
+            losses.append(micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen, rng, dtype))
+            images += len(batch["captions"])
+        if ema is not None:
+            ema.update()
+        if fail_at and step == fail_at and rank == world - 1:  # once: the marker survives the restart
+            marker = Path(cfg.output_dir) / ".injected_failure"
+            if not marker.exists():
+                marker.write_text(str(step))
+                print(f"rank {rank}: injected failure at step {step}", flush=True)
+                os._exit(1)
+        state["step"] = step
+        elapsed = time.perf_counter() - t_start
+        metrics = {"step": step, "train/loss": sum(losses) / len(losses), "train/lr": engine.get_lr()[0],
+                   "perf/images_per_s": images * world / elapsed, "perf/images_per_s_per_worker": images / elapsed,
+                   "perf/data_wait_frac": wait / elapsed, "epoch": data_pos["epoch"],
+                   **{f"data/{k}": v for k, v in skipped.items()}}
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            with gathered(engine, cfg):
+                if rank == 0:
+                    grid = validation_grid(cfg, pipe, translator, engine.module.unet)
+                    tracker.mlflow.log_image(grid, f"validation/step_{step:06d}.png")
+            engine.module.train()
+        if tracker:
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                tracker.log_metrics(metrics, step)
+                state["history"].append({k: v for k, v in metrics.items() if k.startswith(("train/", "perf/"))})
+            bar.update(1)
+            bar.set_description(f"finetune_unet loss {metrics['train/loss']:.4f}")
+        extra = checkpoint_extra(rank, data_pos, ema)
+        if step == cfg.max_steps:
+            state["final_metrics"] = {k: v for k, v in metrics.items() if k != "step"}
+            if bar:
+                bar.close()
+                bar = None
+
+            def final(d: Path, extra=extra):
+                extra(d)
+                with gathered(engine, cfg):
+                    if rank == 0:
+                        save_final(d, cfg, pipe, translator, engine, ema, state, tracker)
+
+            report(engine, state, metrics, rank, final)
+        elif step % cfg.checkpoint_every == 0:
+            report(engine, state, metrics, rank, extra)
+    if bar:
+        bar.close()
+    if tracker and tracker.mlflow.active_run():  # resumed at or past max_steps: nothing ran
+        tracker.mlflow.end_run()
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def prepare(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Absolute local paths (workers run elsewhere), MLflow default, toy shards when asked; fail fast on data."""
+    from mtn.data.shards import list_shards, write_tiny_shards
+
+    for key in ("output_dir", "storage_path", "train_shards"):  # a folder, glob or list file: made absolute
+        if "://" not in getattr(cfg, key):
+            setattr(cfg, key, str(Path(getattr(cfg, key)).expanduser().resolve()))
+    cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                               or f"sqlite:///{cfg.output_dir}/mlflow.db")
+    if "://" not in cfg.output_dir:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.generate_shards:
+        try:
+            list_shards(cfg.train_shards)
+        except MTNError:
+            print(f"writing {cfg.generate_shards} toy shards to {cfg.train_shards}")
+            write_tiny_shards(cfg.train_shards, num_shards=cfg.generate_shards, per_shard=32, size=cfg.resolution * 2,
+                              seed=cfg.seed)
+    shards = list_shards(cfg.train_shards)
+    print(f"{len(shards)} shards from {cfg.train_shards}")
+    return cfg
+
+
+def publish(cfg: FinetuneConfig, result) -> dict | None:
+    import shutil
+
+    import fsspec
+
+    if result.checkpoint is None:
+        print("error: training produced no checkpoint", file=sys.stderr)
+        return None
+    with result.checkpoint.as_directory() as d:
+        d = Path(d)
+        if not (d / "pipeline").is_dir():
+            print(f"error: the last checkpoint ({result.checkpoint.path}) holds no pipeline", file=sys.stderr)
+            return None
+        fs, root = fsspec.core.url_to_fs(cfg.output_dir)
+        for name in ("pipeline", "translator", "metrics.json"):
+            if not (d / name).exists():
+                continue
+            if "://" in cfg.output_dir:
+                fs.put(str(d / name), f"{root}/{name}", recursive=True)
+            elif (d / name).is_dir():
+                shutil.copytree(d / name, Path(root) / name, dirs_exist_ok=True)
+            else:
+                shutil.copy2(d / name, Path(root) / name)
+        state = json.loads((d / "train_state.json").read_text())
+    summary = {"pipeline": f"{cfg.output_dir}/pipeline", "translator": f"{cfg.output_dir}/translator",
+               "checkpoint": result.checkpoint.path, "mlflow_tracking_uri": cfg.mlflow_tracking_uri,
+               "mlflow_run_id": state.get("mlflow_run_id"), "steps": state["step"]}
+    final = state.get("final_metrics", {})
+    lines = ["", "== finetune_unet finished =="] + [f"  {k:28s} {v}" for k, v in summary.items()]
+    lines += [f"  {k:28s} {v:.4f}" for k, v in final.items() if isinstance(v, float)]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=10")
+    args = p.parse_args(argv)
+    try:
+        cfg = prepare(load_config(args.config, args.overrides, cls=FinetuneConfig))
+        result = fit(train_loop_per_worker, cfg)
+    except MTNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if publish(cfg, result) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
