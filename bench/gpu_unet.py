@@ -51,7 +51,7 @@ def main() -> None:
         latents = torch.randn(b, 4, side, side, device=dev, generator=g)  # [B, 4, 32, 32] = 256 px after the VAE
         text = torch.randn(b, 77, d, device=dev, generator=g)  # [B, 77, 768]
 
-        def step():
+        def step(latents=latents, text=text, g=g, b=b):
             noise = sample_noise(latents, g)
             t = torch.randint(0, 1000, (b,), device=dev, generator=g)
             with torch.autocast(dev.type, dtype=torch.bfloat16):

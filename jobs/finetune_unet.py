@@ -30,60 +30,14 @@ from mtn.config import REPO_ROOT, load_config
 from mtn.diffusion import EMA, diffusion_loss, drop_captions, image_grid, sample_noise
 from mtn.distributed import fit, load_checkpoint, lr_factor, report
 from mtn.errors import MTNError
+from mtn.finetune import FinetuneModule, conditioning, ensure_shards, setup_models
 from mtn.finetune_config import FinetuneConfig
 from mtn.tracking import MLflowTracker, register_folder
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "finetune_local.yaml"
 
 
-class FinetuneModule(torch.nn.Module):
-    """UNet (+ the MTN when it trains jointly) in one module: one DeepSpeed engine, two learning rates."""
-
-    def __init__(self, unet, mtn=None):
-        super().__init__()
-        self.unet, self.mtn = unet, mtn
-
-    def forward(self, noisy, timesteps, cond):
-        # cond: prompt embeddings [B, S_t, d_t], or (source hidden [B, S_s, d_s], mask [B, S_s]) for the MTN
-        enc = self.mtn.encode(*cond) if self.mtn is not None else cond  # [B, S_t, d_t]
-        return self.unet(noisy, timesteps, encoder_hidden_states=enc).sample  # [B, 4, h, w]
-
-
 # ----------------------------------------------------------------------------------------------- setup
-def setup_models(cfg: FinetuneConfig, device, dtype):
-    """-> (pipe with UNet/VAE/text encoder, DDPM noise scheduler, translator or None)."""
-    from diffusers import DDPMScheduler
-
-    from mtn.pipeline import build_tiny_sd_pipeline, build_tiny_translator, load_pipeline
-    from mtn.translator import load_translator
-    from mtn.uris import fetch_folder
-
-    if cfg.pipeline == "tiny":
-        pipe = build_tiny_sd_pipeline(seed=cfg.seed)
-    else:
-        pipe = load_pipeline(str(fetch_folder(cfg.pipeline, "model_index.json")) if "://" in cfg.pipeline
-                             or cfg.pipeline.startswith(("runs:/", "models:/")) else cfg.pipeline)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    cross = pipe.unet.config.cross_attention_dim
-    if cfg.translator is None:
-        translator = None
-    elif cfg.translator == "tiny":
-        translator = build_tiny_translator(target_dim=cross, seed=cfg.seed)
-    else:
-        translator = load_translator(fetch_folder(cfg.translator, "translator.json"))
-    if translator is not None and translator.target_shape[1] != cross:
-        raise MTNError(f"the translator outputs d_t={translator.target_shape[1]}, the UNet needs {cross}")
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    pipe.to(device)
-    pipe.vae.to(dtype=dtype)
-    if translator is not None:
-        translator.to(device=device)
-    if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    return pipe, noise_scheduler, translator
-
-
 def deepspeed_config(cfg: FinetuneConfig) -> dict:
     zero = {"stage": cfg.zero_stage, **({"offload_optimizer": {"device": "cpu"}} if cfg.offload_optimizer else {})}
     return {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
@@ -110,6 +64,11 @@ def setup_engine(cfg: FinetuneConfig, pipe, translator):
 def setup_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batches: int):
     from mtn.data.shards import ShardStream, StreamConfig, list_shards, make_loader
 
+    if cfg.precomputed:  # latents + text features from jobs/precompute_latents.py: no VAE / text encoder per step
+        from mtn.data.latents import LatentBatches
+
+        return LatentBatches(cfg.precomputed, rank, world, cfg.micro_batch, cfg.seed, epoch, skip_batches)
+
     stream_cfg = StreamConfig(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                               shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                               min_caption_chars=cfg.min_caption_chars, min_image_size=cfg.min_image_size)
@@ -119,35 +78,43 @@ def setup_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batc
 
 
 # ----------------------------------------------------------------------------------------------- one step
-def conditioning(cfg: FinetuneConfig, pipe, translator, captions: list[str], device):
-    """Prompt embeddings [B, S_t, d_t] from the frozen route, or (hidden, mask) when the MTN trains."""
-    with torch.no_grad():
-        if translator is None:  # plain SD finetune with its own text encoder
-            return pipe.encode_prompt(captions, device, 1, False)[0]
-        if cfg.train_mtn:
-            hidden, mask = translator.source_encoder(captions, zero_pad=True)  # [B, S_s, d_s], [B, S_s]
-            return hidden.to(device), mask.to(device)
-        return translator.encode(captions).to(device)
-
-
 def micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen: torch.Generator, rng: random.Random,
                dtype) -> float:
     device = engine.device
-    pixels = batch["pixel_values"].to(device, dtype)  # [b, 3, R, R] in [-1, 1]
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+    if "latent_mean" in batch:  # precomputed: sample the stored VAE posterior
+        mean = batch["latent_mean"].to(device, torch.float32)  # [b, 4, h, w]
+        latents = mean + batch["latent_std"].to(device, torch.float32) * torch.randn(
+            mean.shape, generator=gen, device=device)
+        cond = precomputed_conditioning(cfg, pipe, translator, batch, rng, device)
+    else:
+        pixels = batch["pixel_values"].to(device, dtype)  # [b, 3, R, R] in [-1, 1]
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+        cond = conditioning(cfg, pipe, translator, drop_captions(batch["captions"], cfg.caption_dropout, rng), device)
     latents = latents.to(dtype)  # [b, 4, R/f, R/f]
     noise = sample_noise(latents, gen, cfg.noise_offset)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
                       device=device)  # [b]
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    cond = conditioning(cfg, pipe, translator, drop_captions(batch["captions"], cfg.caption_dropout, rng), device)
     cond = tuple(c.to(dtype) if c.is_floating_point() else c for c in cond) if isinstance(cond, tuple) \
         else cond.to(dtype)
     loss = diffusion_loss(engine(noisy, t, cond), latents, noise, t, noise_scheduler, cfg.snr_gamma)
     engine.backward(loss)
     engine.step()
     return loss.item()
+
+
+def precomputed_conditioning(cfg, pipe, translator, batch, rng: random.Random, device):
+    """Stored text features, with caption dropout applied as rows replaced by the empty prompt's features."""
+    drop = torch.tensor([rng.random() < cfg.caption_dropout for _ in range(len(batch["latent_mean"]))])  # [b]
+    empty = conditioning(cfg, pipe, translator, [""], device)  # [1, S, d] or ([1, S_s, d_s], [1, S_s])
+    if "text" in batch:
+        text = batch["text"].to(device, torch.float32)  # [b, S_t, d_t]
+        return torch.where(drop.to(device)[:, None, None], empty.float().expand_as(text), text)
+    src, mask = batch["source"].to(device, torch.float32), batch["source_mask"].to(device)  # [b, S_s, d_s], [b, S_s]
+    src = torch.where(drop.to(device)[:, None, None], empty[0].float().expand_as(src), src)
+    mask = torch.where(drop.to(device)[:, None], empty[1].expand_as(mask), mask)
+    return src, mask
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -281,7 +248,7 @@ def train_loop_per_worker(config: dict):
             gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank * 17 + micro)
             rng = random.Random(cfg.seed * 7919 + step * 31 + rank * 3 + micro)
             losses.append(micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen, rng, dtype))
-            images += len(batch["captions"])
+            images += len(batch["latent_mean"] if "latent_mean" in batch else batch["captions"])
         if ema is not None:
             ema.update()
         if fail_at and step == fail_at and rank == world - 1:  # once: the marker survives the restart
@@ -333,8 +300,6 @@ def train_loop_per_worker(config: dict):
 # ----------------------------------------------------------------------------------------------- driver
 def prepare(cfg: FinetuneConfig) -> FinetuneConfig:
     """Absolute local paths (workers run elsewhere), MLflow default, toy shards when asked; fail fast on data."""
-    from mtn.data.shards import list_shards, write_tiny_shards
-
     for key in ("output_dir", "storage_path", "train_shards"):  # a folder, glob or list file: made absolute
         if "://" not in getattr(cfg, key):
             setattr(cfg, key, str(Path(getattr(cfg, key)).expanduser().resolve()))
@@ -342,15 +307,17 @@ def prepare(cfg: FinetuneConfig) -> FinetuneConfig:
                                or f"sqlite:///{cfg.output_dir}/mlflow.db")
     if "://" not in cfg.output_dir:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    if cfg.generate_shards:
-        try:
-            list_shards(cfg.train_shards)
-        except MTNError:
-            print(f"writing {cfg.generate_shards} toy shards to {cfg.train_shards}")
-            write_tiny_shards(cfg.train_shards, num_shards=cfg.generate_shards, per_shard=32, size=cfg.resolution * 2,
-                              seed=cfg.seed)
-    shards = list_shards(cfg.train_shards)
-    print(f"{len(shards)} shards from {cfg.train_shards}")
+    if cfg.precomputed:
+        from mtn.data.latents import check_manifest, read_manifest
+
+        if "://" not in cfg.precomputed:
+            cfg.precomputed = str(Path(cfg.precomputed).resolve())
+        manifest = read_manifest(cfg.precomputed)
+        check_manifest(manifest, cfg.pipeline, cfg.translator, cfg.resolution,
+                       "source" if cfg.train_mtn else "prompt_embeds")
+        print(f"{manifest['rows']} precomputed samples in {len(manifest['files'])} files from {cfg.precomputed}")
+        return cfg
+    ensure_shards(cfg)
     return cfg
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import types
@@ -189,9 +190,12 @@ def _resolve(raw: dict) -> dict:
                 out[k] = ",".join(v.replace("{source_lang}", lang) for lang in langs)
     for _ in range(4):  # {field} -> its value; other braces (e.g. shard ranges {00000..00099}) stay as they are
         fmt = {k: ("" if v is None else v) for k, v in out.items()}
-        out = {k: _REF.sub(lambda m: str(fmt[m.group(1)]) if m.group(1) in fmt else m.group(0), v)
-               if isinstance(v, str) else v for k, v in out.items()}
+        out = {k: _REF.sub(functools.partial(_field, fmt), v) if isinstance(v, str) else v for k, v in out.items()}
     return {k: os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v for k, v in out.items()}
+
+
+def _field(values: dict, m: re.Match) -> str:
+    return str(values[m.group(1)]) if m.group(1) in values else m.group(0)
 
 
 def parse_overrides(items: list[str]) -> dict:

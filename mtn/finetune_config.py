@@ -29,6 +29,10 @@ class FinetuneConfig:
     loader_workers: int = 2  # DataLoader processes per Ray worker (decoding + resizing)
     min_caption_chars: int = 1
     min_image_size: int = 0  # drop images whose shorter side is smaller (before resizing)
+    # jobs/precompute_latents.py output (VAE latents + text features): when set, training reads it instead of images
+    precomputed: str | None = None
+    precompute_workers: int = 1  # encoder actors of the precompute job
+    precompute_gpus_per_worker: float = 0.0
     # --- optimisation (batch_size is GLOBAL: divided by num_workers, times grad_accum micro-steps)
     batch_size: int = 8
     grad_accum: int = 1

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,10 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(tmp_
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-5000:]
     assert "injected failure at step 5" in log
-    assert "resuming from the checkpoint at step 4" in log
+    # the last checkpoint Ray Train had registered when the worker died: step 4, or step 2 when the death came
+    # before the controller processed step 4's report (both seen); the step count then continues from there
+    resumed = re.search(r"resuming from the checkpoint at step (\d+)", log)
+    assert resumed and int(resumed.group(1)) in (2, 4), log[-5000:]
     state = json.loads((out / "metrics.json").read_text())
     assert state["epoch"] >= 0 and (out / "pipeline" / "model_index.json").is_file()
     client, run = mlflow_run(out)  # one MLflow run across the restart; the step count goes on

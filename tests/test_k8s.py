@@ -107,10 +107,16 @@ def test_train_entrypoint_is_a_valid_train_mtn_command(monkeypatch):
 
 def test_finetune_rayjob():
     job = one("rayjob-finetune-unet.yaml", "RayJob")
-    assert job["spec"]["entrypoint"] == "python jobs/finetune_unet.py --config jobs/configs/finetune_sd14.yaml"
-    assert "FUTURE WORK" in (K8S / "rayjob-finetune-unet.yaml").read_text().split("apiVersion")[0]
+    from mtn.config import load_config
+    from mtn.finetune_config import FinetuneConfig
+
+    argv = job["spec"]["entrypoint"].split()
+    assert argv[:4] == ["python", "jobs/finetune_unet.py", "--config", "jobs/configs/finetune_sd14_t5.yaml"]
+    cfg = load_config(REPO / argv[3], argv[4:], cls=FinetuneConfig)
     (worker,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    gpus = worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus == 8 and cfg.use_gpu and cfg.num_workers * cfg.gpus_per_worker == worker["replicas"] * gpus
+    assert cfg.output_dir.startswith("s3://") and cfg.storage_path.startswith("s3://")
     assert job["spec"]["shutdownAfterJobFinishes"] is True and "ttlSecondsAfterFinished" in job["spec"]
 
 
