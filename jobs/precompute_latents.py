@@ -52,7 +52,7 @@ class EncodeShards:
         for shard in batch["shard"]:
             parts: dict[str, list[torch.Tensor]] = {}
             keys: list[str] = []
-            loader = make_loader(ShardStream([str(shard)], stream_cfg), 16, num_workers=0)
+            loader = make_loader(ShardStream([str(shard)], stream_cfg), 16, num_workers=0, drop_last=False)
             for b in loader:
                 post = self.pipe.vae.encode(b["pixel_values"].to(self.device, self.dtype)).latent_dist
                 scale = self.pipe.vae.config.scaling_factor

@@ -90,6 +90,20 @@ def test_loader_batches_cover_the_epoch_once(local_shards):
     assert len(seen) + tails == len(all_keys(local_shards)) and tails <= 2 * 2 * 3  # < one batch per lane
 
 
+def test_loader_without_drop_last_delivers_every_sample(local_shards, tmp_path):
+    urls = write_tiny_shards(tmp_path, num_shards=3, per_shard=7, size=24, corrupt=1)
+    keys, sizes = [], []
+    for rank in range(2):
+        loader = make_loader(ShardStream(urls, CFG, rank=rank, world_size=2), 4, num_workers=2, drop_last=False)
+        batches = list(loader)
+        keys += [k for b in batches for k in b["keys"]]
+        sizes += [len(b["keys"]) for b in batches]
+        assert [b["batch_index"] for b in batches] == list(range(len(batches)))
+        assert loader.totals["dropped_tail"] == 0 and loader.totals["skipped_corrupt"] <= 1
+    assert set(keys) < set(all_keys(urls)) and len(keys) == len(set(keys)) == 20  # 21 samples, one corrupt
+    assert max(sizes) == 4 and min(sizes) < 4
+
+
 # ----------------------------------------------------------------------------------------------- order
 def test_order_is_deterministic_per_seed_and_epoch(local_shards):
     first, _ = loader_batches(local_shards)

@@ -5,11 +5,13 @@ finetuning. Reader: plain sequential tar parsing over an fsspec stream + a read-
 Why not Ray Data (read_webdataset + ray.train.get_dataset_shard): open-source Ray has no exact mid-epoch resume
 (ray-project/ray#37633 is still open; Anyscale's "mid-epoch resumption" is a RayTurbo-only feature), its
 streaming order is not reproducible by default, a corrupt image or a cut tar fails the read/map task instead of
-being counted, and it was 3.5x slower here. `python bench/streaming.py` (40 shards x 100 jpgs of 512 px = 223 MB,
-moto S3 on loopback, 2 CPU cores shared with other jobs, 256 px, batch 32), samples/s (first batch):
-boto3 GET 9900 (551 MB/s) | this reader, no decode 4900 (273 MB/s) | make_loader workers=0 686 (0.4 s),
-workers=2 710 (0.9 s) | Ray Data 201 (6.2 s). Decode+resize is the bound (~1.4 ms/image with DCT-scaled JPEG
-decode, `jpeg_draft`, vs ~5 ms without): budget about one loader worker per 500 images/s.
+being counted, and it was ~3x slower here. `python bench/streaming.py --repeat 2` (40 shards x 100 jpgs of 512 px =
+223 MB, moto S3 on loopback, 2 CPU cores shared with other jobs, 256 px, batch 32; ranges over 4 runs, load
+1-3), samples/s (first batch): boto3 GET 3700-10000 (200-620 MB/s) | this reader, no decode 4100-5900
+(230-330 MB/s) | make_loader workers=0 660-780 (0.3-0.5 s), workers=2 710-770 (0.7-0.9 s) |
+Ray Data 200-270 (3.8-6.2 s). Decode+resize is the bound (~1.4 ms/image with DCT-scaled JPEG decode,
+`jpeg_draft`, vs ~5 ms without); 2 cores also run moto and the main process, so workers=2 gains little here
+(local files: 860-990 vs 510-580 with one worker). Budget about one loader worker per 500 images/s.
 
 Order. The epoch's shard list is shuffled by (seed, epoch) and dealt to ranks (`shards[rank::world]`), then to
 `lanes` sub-streams per rank (default: one per DataLoader worker). Each lane reads its shards in order through
@@ -287,45 +289,52 @@ class ShardStream(IterableDataset):
         yield from tails
 
 
-class _BatchDataset(IterableDataset):
-    """What DataLoader workers run for ShardLoader: collated lane batches + lane ends, each with stats deltas."""
+def _collate(samples: list[dict]) -> dict:
+    pixels = [x["pixel_values"] for x in samples]  # B x [3, R, R]
+    out = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype)  # [B, 3, R, R]
+    if get_worker_info() is not None:
+        out.share_memory_()  # filled in place: the DataLoader then sends it without another copy
+    return {"pixel_values": torch.stack(pixels, out=out),  # [B, 3, R, R]
+            "captions": [x["caption"] for x in samples], "keys": [x["key"] for x in samples],
+            "shards": [x["shard"] for x in samples]}
 
-    def __init__(self, stream: ShardStream):
-        self.stream = stream
+
+class _BatchDataset(IterableDataset):
+    """What DataLoader workers run for ShardLoader: collated lane batches + lane ends (with the partial tail
+    batch unless drop_last), each with stats deltas."""
+
+    def __init__(self, stream: ShardStream, drop_last: bool = True):
+        self.stream, self.drop_last = stream, drop_last
 
     def __iter__(self):
         s = self.stream
         wid, workers = _worker()
         n_lanes = s.cfg.lanes or workers
         prev = s.stats()
-        for event in s._produce(range(wid, n_lanes, workers), n_lanes, s.skip_batches, keep_tail=False):
+        for event in s._produce(range(wid, n_lanes, workers), n_lanes, s.skip_batches, keep_tail=not self.drop_last):
             now = s.stats()
             delta, prev = {k: now[k] - prev[k] for k in STAT_KEYS}, now
             if event["kind"] == "end":
-                yield {"kind": "end", "lane": event["lane"], "n": event["n"], "stats": delta}
-                continue
-            samples = event["samples"]
-            pixels = [x["pixel_values"] for x in samples]  # B x [3, R, R]
-            out = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype)  # [B, 3, R, R]
-            if get_worker_info() is not None:
-                out.share_memory_()  # filled in place: the DataLoader then sends it without another copy
-            yield {"kind": "batch", "lane": event["lane"], "r": event["r"], "stats": delta,
-                   "pixel_values": torch.stack(pixels, out=out),  # [B, 3, R, R]
-                   "captions": [x["caption"] for x in samples], "keys": [x["key"] for x in samples],
-                   "shards": [x["shard"] for x in samples]}
+                tail = _collate(event["tail"]) if event["tail"] else None
+                yield {"kind": "end", "lane": event["lane"], "n": event["n"], "stats": delta, "tail": tail}
+            else:
+                yield {"kind": "batch", "lane": event["lane"], "r": event["r"], "stats": delta,
+                       **_collate(event["samples"])}
 
 
 class ShardLoader(DataLoader):
     """A DataLoader over a ShardStream yielding {"pixel_values": [B, 3, R, R], "captions", "keys", "shards",
-    "stats": deltas, "batch_index": position in this rank's epoch}, full batches only (drop_last semantics,
-    done per lane since batching happens in the workers), in canonical order whatever the worker timing."""
+    "stats": deltas, "batch_index": position in this rank's epoch} in canonical order whatever the worker timing.
+    drop_last (default): full batches only, each lane dropping its < B leftover samples (counted as
+    dropped_tail). drop_last=False: the lanes' partial batches follow at the end (one-pass jobs such as latent
+    precomputation; skip_batches only counts full batches)."""
 
     def __init__(self, stream: ShardStream, num_workers: int = 2, prefetch_factor: int = 4, pin_memory: bool = False,
-                 multiprocessing_context=None):
-        self.stream = stream
+                 multiprocessing_context=None, drop_last: bool = True):
+        self.stream, self.keep_tails = stream, not drop_last
         self.n_lanes = stream.cfg.lanes or max(1, num_workers)
         self.totals = dict.fromkeys(STAT_KEYS, 0)
-        super().__init__(_BatchDataset(stream), batch_size=None, num_workers=num_workers,
+        super().__init__(_BatchDataset(stream, drop_last), batch_size=None, num_workers=num_workers,
                          prefetch_factor=prefetch_factor if num_workers > 0 else None, pin_memory=pin_memory,
                          persistent_workers=False, multiprocessing_context=multiprocessing_context)
 
@@ -333,11 +342,14 @@ class ShardLoader(DataLoader):
         s = self.stream
         self.totals = dict.fromkeys(STAT_KEYS, 0)
         pending = dict.fromkeys(STAT_KEYS, 0)
+        tails: list[tuple[int, dict]] = []
 
         def pulled(item):
             for key, v in item["stats"].items():
                 self.totals[key] += v
                 pending[key] += v
+            if item["kind"] == "end" and item.get("tail"):
+                tails.append((item["lane"], item["tail"]))
 
         def discarded(item):
             for counts in (self.totals, pending):
@@ -349,20 +361,25 @@ class ShardLoader(DataLoader):
             return {"pixel_values": item["pixel_values"], "captions": item["captions"], "keys": item["keys"],
                     "shards": item["shards"], "stats": stats, "batch_index": pos}
 
-        held = None  # one batch of look-ahead, so the last batch can carry the counts that come after it
+        held, nxt = None, s.skip_batches  # one batch of look-ahead: the last one carries the counts after it
         for pos, item in merge_lanes(super().__iter__(), self.n_lanes, s.skip_batches, pulled, discarded):
             if held is not None:
                 yield out(*held)
-            held = (pos, item)
+            held, nxt = (pos, item), pos + 1
+        for _, tail in sorted(tails, key=lambda t: t[0]) if self.keep_tails else []:
+            if held is not None:
+                yield out(*held)
+            held, nxt = (nxt, tail), nxt + 1
         if held is not None:
             yield out(*held)
 
 
 def make_loader(stream: ShardStream, batch_size: int, num_workers: int = 2, prefetch_factor: int = 4,
-                pin_memory: bool | None = None, multiprocessing_context=None) -> ShardLoader:
+                pin_memory: bool | None = None, multiprocessing_context=None, drop_last: bool = True) -> ShardLoader:
     """Batches of `batch_size` from `stream` (see ShardLoader). DataLoader workers each run their lanes with a
     read-ahead thread per lane; `prefetch_factor` batches per worker wait ready. Not persistent: build one per
-    epoch (new ShardStream or set_epoch). pin_memory defaults to CUDA being available."""
+    epoch (new ShardStream or set_epoch). pin_memory defaults to CUDA being available. A stream built with the
+    default batch_size=1 and no skip takes `batch_size` from here."""
     if batch_size != stream.batch_size:
         if stream.skip_batches:
             raise MTNError(f"make_loader batch_size {batch_size} != the stream's {stream.batch_size}: skip_batches "
@@ -371,4 +388,4 @@ def make_loader(stream: ShardStream, batch_size: int, num_workers: int = 2, pref
     if num_workers < 0:
         raise MTNError(f"num_workers must be >= 0, got {num_workers}")
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return ShardLoader(stream, num_workers, prefetch_factor, pin, multiprocessing_context)
+    return ShardLoader(stream, num_workers, prefetch_factor, pin, multiprocessing_context, drop_last)
