@@ -107,6 +107,7 @@ class TrainConfig:
     # --- tracking
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///{output_dir}/mlflow.db
     mlflow_experiment: str = "mtn"
+    mlflow_parent_run_id: str | None = None  # set by jobs/sweep_mtn.py: this run is nested under the sweep's run
 
     def __post_init__(self):
         checks = [

@@ -63,7 +63,7 @@ def lr_factor(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float
     return factor
 
 
-def fit(train_loop, cfg, env: dict | None = None):
+def fit(train_loop, cfg, env: dict | None = None, callbacks: list | None = None):
     """Run `train_loop(cfg.to_dict())` on cfg.num_workers Ray Train workers; -> the Ray Train Result.
     cfg needs: name, storage_path, num_workers, use_gpu, cpus_per_worker, gpus_per_worker, max_failures,
     num_checkpoints_to_keep, ray_address."""
@@ -85,7 +85,8 @@ def fit(train_loop, cfg, env: dict | None = None):
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
+                             callbacks=callbacks),
     )
     result = trainer.fit()
     if started_here:

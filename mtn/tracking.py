@@ -30,6 +30,8 @@ class MLflowTracker:
             self.run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.name)
             mlflow.log_params({k: ("" if v is None else v) for k, v in cfg.to_dict().items()})
             mlflow.set_tags({"mtn.job": job, "mtn.host": os.uname().nodename})
+            if getattr(cfg, "mlflow_parent_run_id", None):  # shown nested under the sweep's run in the MLflow UI
+                mlflow.set_tag("mlflow.parentRunId", cfg.mlflow_parent_run_id)
         self.run_id = self.run.info.run_id
 
     def log_metrics(self, metrics: dict, step: int) -> None:

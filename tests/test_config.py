@@ -17,6 +17,11 @@ def test_configs_exist():
 def test_every_config_instantiates(path):
     text = path.read_text()
     assert "python jobs/" in text.split("\n\n")[0], f"{path.name}: header must show the command that runs it"
+    if "python jobs/sweep_mtn.py" in text.split("\n\n")[0]:
+        from mtn.sweep import SweepConfig
+
+        assert isinstance(load_config(path, cls=SweepConfig), SweepConfig)
+        return
     if "python jobs/finetune_unet.py" in text.split("\n\n")[0]:
         cfg = load_config(path, cls=FinetuneConfig)
         assert "{output_dir}" not in cfg.train_shards + cfg.storage_path and "{" not in cfg.output_dir

@@ -1,0 +1,204 @@
+"""Ray Tune sweep over the MTN training job: learning rate x residual modules (+ optional width / loss axes).
+
+    python jobs/sweep_mtn.py                                   # jobs/configs/sweep_local.yaml: 4 tiny trials, ASHA
+    python jobs/sweep_mtn.py --config jobs/configs/sweep_multi30k.yaml
+    ray job submit --working-dir . -- python jobs/sweep_mtn.py --config ...
+
+Every trial runs jobs/train_mtn.py's Ray Train driver (a TorchTrainer, reporting through TuneReportCallback) on
+features cached once by jobs/extract_features.py, so no trial runs the frozen encoders. ASHA stops weak trials
+on the configured validation metric. MLflow: one parent run for the sweep, one nested run per trial; the parent
+gets the results table (CSV + Markdown) and a metric-vs-lr plot per module count. The best trial's translator is
+registered only if it beats the linear baseline on val by `gate_margin_pct`. Failed trials are reported, not
+fatal. Re-running the same command after the driver died resumes the sweep (Tuner.restore).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from mtn.config import REPO_ROOT, load_config
+from mtn.errors import MTNError
+from mtn.sweep import SweepConfig, best_row, plot_metric_vs_lr, results_table, search_space
+
+DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "sweep_local.yaml"
+TRAIN_JOB = REPO_ROOT / "jobs" / "train_mtn.py"
+
+
+def train_job():
+    """The training driver (the one job a sweep may import)."""
+    spec = importlib.util.spec_from_file_location("train_mtn", TRAIN_JOB)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def setup_base(cfg: SweepConfig) -> dict:
+    """The base training config, with feature caches (extracted once, here) and absolute paths."""
+    job = train_job()
+    overrides = shlex.split(cfg.base_overrides)
+    base = job.prepare_config(REPO_ROOT / cfg.base_config if not Path(cfg.base_config).is_absolute()
+                              else cfg.base_config, overrides)
+    if not base.feature_cache:
+        feats = Path(cfg.output_dir) / "features"
+        if not (feats / "train" / "manifest.json").is_file():
+            print(f"extracting features once for every trial -> {feats}")
+            extra = [f"feature_cache={feats}/train", f"val_feature_cache={feats}/val"]
+            p = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "extract_features.py"), "--config",
+                                str(REPO_ROOT / cfg.base_config), *overrides, *extra], cwd=REPO_ROOT)
+            if p.returncode != 0:
+                raise MTNError(f"feature extraction failed (exit {p.returncode})")
+        base = job.prepare_config(REPO_ROOT / cfg.base_config, [*overrides, f"feature_cache={feats}/train",
+                                                                 f"val_feature_cache={feats}/val"])
+    base.val_every = base.checkpoint_every = min(base.val_every, base.checkpoint_every)  # ASHA sees every val
+    base.mlflow_tracking_uri = cfg.mlflow_tracking_uri
+    base.mlflow_experiment = cfg.mlflow_experiment
+    return base.to_dict()
+
+
+def trial(config: dict) -> None:
+    """One Tune trial: the training driver with this trial's hyperparameters, reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mtn.config import TrainConfig
+    from mtn.distributed import fit
+
+    job = train_job()
+    params = {k: v for k, v in config.items() if k not in ("base", "parent_run_id")}
+    trial_id = tune.get_context().get_trial_id()
+    cfg = TrainConfig(**{**config["base"], **params, "name": f"{config['base']['name']}-{trial_id}",
+                         "output_dir": f"{config['base']['output_dir']}/trials/{trial_id}",
+                         "storage_path": f"{config['base']['output_dir']}/trials/{trial_id}/ray_results",
+                         "mlflow_parent_run_id": config["parent_run_id"]})
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    result = fit(job.train_loop_per_worker, cfg, callbacks=[TuneReportCallback()])
+    job.publish(cfg, result)
+
+
+def run_tuner(cfg: SweepConfig, base: dict, parent_run_id: str):
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    storage = str(Path(cfg.storage_path).resolve())
+    if tune.Tuner.can_restore(f"{storage}/{cfg.name}"):
+        print(f"resuming the sweep from {storage}/{cfg.name}")
+        return tune.Tuner.restore(f"{storage}/{cfg.name}", trainable=trial, resume_errored=False).fit()
+    per_trial = base["num_workers"] * base["cpus_per_worker"]
+    cpus = ray.cluster_resources().get("CPU", 1)
+    concurrent = cfg.max_concurrent or max(1, int((cpus - 1) // per_trial) if cpus > per_trial else 1)
+    space = {**search_space(cfg), "base": base, "parent_run_id": parent_run_id}
+    scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=cfg.grace_period,
+                              reduction_factor=cfg.reduction_factor,
+                              max_t=max(1, base["max_steps"] // base["checkpoint_every"]))
+    tuner = tune.Tuner(
+        # the trial's own process only waits on its TorchTrainer, whose workers hold the CPUs
+        tune.with_resources(trial, {"CPU": 0.01}),
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
+                                    num_samples=cfg.num_samples, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=storage,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    return tuner.fit()
+
+
+def rows_of(grid) -> list[dict]:
+    rows = []
+    for r in grid:
+        m, c = r.metrics or {}, r.config or {}
+        trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "")
+        rows.append({"trial": trial_id, "status": "error" if r.error else "ok",
+                     "lr": c.get("lr"), "num_modules": c.get("num_modules"), "hidden_dim": c.get("hidden_dim"),
+                     "loss_rec": c.get("loss_rec"), "loss_adv": c.get("loss_adv"), "steps": m.get("step"),
+                     **{k: m.get(k) for k in ("val/r@1", "val/token_mse", "val/pooled_cosine",
+                                              "val/linear_token_mse", "val/margin_token_mse_pct")},
+                     "error": str(r.error).splitlines()[0] if r.error else "",
+                     "output_dir": f"{c['base']['output_dir']}/trials/{trial_id}" if c else ""})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep YAML (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, cls=SweepConfig)
+        cfg.output_dir = str(Path(cfg.output_dir).resolve())
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                   or f"sqlite:///{cfg.output_dir}/mlflow.db")
+        base = setup_base(cfg)
+        return sweep(cfg, base)
+    except MTNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def sweep(cfg: SweepConfig, base: dict) -> int:
+    import mlflow
+    import ray
+
+    from mtn.tracking import MLflowTracker, register_folder
+
+    tracker = MLflowTracker(cfg, _parent_id(cfg), job="sweep_mtn")
+    (Path(cfg.output_dir) / "parent_run_id").write_text(tracker.run_id)
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    # locally, one logical CPU of slack for the trial drivers (0.01 CPU each, they only wait on their trainers)
+    local = {} if address else {"num_cpus": (os.cpu_count() or 1) + 1}
+    ray.init(address=address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT),
+                                                         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}, **local)
+    grid = run_tuner(cfg, base, tracker.run_id)
+    ray.shutdown()
+    rows = rows_of(grid)
+    csv_text, md = results_table(rows)
+    out = Path(cfg.output_dir)
+    (out / "results.csv").write_text(csv_text)
+    (out / "results.md").write_text(md)
+    plot_metric_vs_lr([r for r in rows if r["status"] == "ok"], cfg.metric, out / "metric_vs_lr.png")
+    for f in ("results.csv", "results.md", "metric_vs_lr.png"):
+        mlflow.log_artifact(str(out / f))
+    failed = [r for r in rows if r["status"] == "error"]
+    print("\n" + md)
+    if failed:
+        print(f"{len(failed)} trial(s) failed (the sweep went on): " + "; ".join(f"{r['trial']}: {r['error']}"
+                                                                           for r in failed))
+    best = best_row(rows, cfg.metric, cfg.mode)
+    if best is None:
+        print("no trial finished: nothing to register", file=sys.stderr)
+        mlflow.end_run()
+        return 1
+    margin = best.get("val/margin_token_mse_pct")
+    mlflow.log_metrics({"best/" + k.replace("@", "_at_").removeprefix("val/"): v for k, v in best.items()
+                        if k.startswith("val/") and isinstance(v, float)})
+    print(f"best trial {best['trial']}: lr={best['lr']:.3g} num_modules={best['num_modules']} "
+          f"{cfg.metric}={best[cfg.metric]:.4f}, token MSE margin over the linear map {margin:+.2f}%")
+    if cfg.register_model and margin is not None and margin >= cfg.gate_margin_pct:
+        mlflow.log_artifacts(f"{best['output_dir']}/translator", "best_translator")
+        uri = register_folder(mlflow, cfg.register_model, tracker.run_id, "best_translator")
+        mlflow.set_tag("mtn.registered_model", uri)
+        print(f"registered the best translator as {uri} (it beats the linear map by {margin:.2f}% >= "
+              f"{cfg.gate_margin_pct}%)")
+    elif cfg.register_model:
+        print(f"not registered: the best trial's margin over the linear baseline ({margin}) is below the gate "
+              f"({cfg.gate_margin_pct}%); see {out / 'results.md'}")
+    mlflow.end_run()
+    return 0
+
+
+def _parent_id(cfg: SweepConfig) -> str | None:
+    f = Path(cfg.output_dir) / "parent_run_id"
+    return f.read_text().strip() if f.is_file() else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

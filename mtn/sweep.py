@@ -1,0 +1,133 @@
+"""Ray Tune sweeps over the MTN training job: the sweep's own config, the search space, results table and plot."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtn.errors import MTNError
+
+
+@dataclass
+class SweepConfig:
+    name: str = "mtn-sweep-local"
+    base_config: str = "jobs/configs/local.yaml"  # the training config every trial starts from
+    base_overrides: str = ""  # space-separated key=value applied to the base config for every trial
+    output_dir: str = "outputs/sweep-local"
+    # --- search space
+    lr_min: float = 1.0e-4
+    lr_max: float = 3.0e-3
+    num_modules: str = "3,5"  # residual-module counts (comma list)
+    hidden_dims: str = ""  # optional axis: MTN widths (comma list); "" keeps the base config's
+    loss_rec: str = ""  # optional axes: loss weights (comma lists)
+    loss_adv: str = ""
+    num_samples: int = 4  # trials (grid axes are crossed with this many lr samples each round)
+    seed: int = 0
+    # --- early stopping (ASHA on the metric every val report)
+    metric: str = "val/r@1"
+    mode: str = "max"  # max | min
+    grace_period: int = 1  # validation reports before a trial may be stopped
+    reduction_factor: int = 2
+    max_concurrent: int = 0  # 0: as many as the cluster's CPUs allow
+    # --- quality gate + registry
+    gate_margin_pct: float = 0.0  # best trial must beat the linear map's val token MSE by this many percent
+    register_model: str | None = "mtn-translator"  # MLflow registered model name; null: never register
+    # --- tracking / cluster
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "mtn-sweep"
+    storage_path: str = "{output_dir}/tune"
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        checks = [(0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max"),
+                  (self.mode in ("max", "min"), f"mode must be max|min, got {self.mode!r}"),
+                  (self.num_samples >= 1 and self.reduction_factor >= 2 and self.grace_period >= 1,
+                   "num_samples >= 1, reduction_factor >= 2, grace_period >= 1"),
+                  (bool(self.int_list(self.num_modules)), "num_modules needs at least one value")]
+        for ok, msg in checks:
+            if not ok:
+                raise MTNError(f"config: {msg}")
+
+    @staticmethod
+    def int_list(text: str) -> list[int]:
+        try:
+            return [int(x) for x in str(text).split(",") if x.strip()]
+        except ValueError:
+            raise MTNError(f"config: {text!r} is not a comma list of integers") from None
+
+    @staticmethod
+    def float_list(text: str) -> list[float]:
+        try:
+            return [float(x) for x in str(text).split(",") if x.strip()]
+        except ValueError:
+            raise MTNError(f"config: {text!r} is not a comma list of numbers") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def search_space(cfg: SweepConfig) -> dict:
+    from ray import tune
+
+    space = {"lr": tune.loguniform(cfg.lr_min, cfg.lr_max), "num_modules": tune.grid_search(cfg.int_list(cfg.num_modules))}
+    for key, values in (("hidden_dim", cfg.int_list(cfg.hidden_dims)), ("loss_rec", cfg.float_list(cfg.loss_rec)),
+                        ("loss_adv", cfg.float_list(cfg.loss_adv))):
+        if values:
+            space[key] = tune.grid_search(values)
+    return space
+
+
+COLUMNS = ["trial", "status", "lr", "num_modules", "hidden_dim", "loss_rec", "loss_adv", "steps", "val/r@1",
+           "val/token_mse", "val/pooled_cosine", "val/linear_token_mse", "val/margin_token_mse_pct", "error"]
+
+
+def results_table(rows: list[dict]) -> tuple[str, str]:
+    """rows (one per trial) -> (CSV text, Markdown text)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v).replace("|", "/")[:80]
+
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return buf.getvalue(), "\n".join(md) + "\n"
+
+
+def plot_metric_vs_lr(rows: list[dict], metric: str, path: str | Path) -> Path:
+    """The metric against lr (log axis), one line per residual-module count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for modules in sorted({r["num_modules"] for r in rows}):
+        pts = sorted((r["lr"], r[metric]) for r in rows if r["num_modules"] == modules and _finite(r.get(metric)))
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{modules} residual modules")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=metric, title=f"{metric} vs lr")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
+    ok = [r for r in rows if r["status"] == "ok" and _finite(r.get(metric))]
+    if not ok:
+        return None
+    return (max if mode == "max" else min)(ok, key=lambda r: r[metric])
