@@ -28,7 +28,7 @@ import torch
 
 from mtn.config import REPO_ROOT, load_config
 from mtn.diffusion import EMA, diffusion_loss, drop_captions, image_grid, sample_noise
-from mtn.distributed import fit, load_checkpoint, lr_factor, report
+from mtn.distributed import STATE_FILE, copy_artifacts, fit, load_checkpoint, lr_factor, report
 from mtn.errors import MTNError
 from mtn.finetune import FinetuneModule, conditioning, ensure_shards, setup_models
 from mtn.finetune_config import FinetuneConfig
@@ -79,13 +79,14 @@ def setup_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batc
 
 # ----------------------------------------------------------------------------------------------- one step
 def micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen: torch.Generator, rng: random.Random,
-               dtype) -> float:
+               dtype, empty=None) -> float:
+    """One micro-batch forward/backward. `empty`: the empty prompt's text features (precomputed mode only)."""
     device = engine.device
     if "latent_mean" in batch:  # precomputed: sample the stored VAE posterior
         mean = batch["latent_mean"].to(device, torch.float32)  # [b, 4, h, w]
         latents = mean + batch["latent_std"].to(device, torch.float32) * torch.randn(
             mean.shape, generator=gen, device=device)
-        cond = precomputed_conditioning(cfg, pipe, translator, batch, rng, device)
+        cond = precomputed_conditioning(cfg, batch, empty, rng, device)
     else:
         pixels = batch["pixel_values"].to(device, dtype)  # [b, 3, R, R] in [-1, 1]
         with torch.no_grad():
@@ -104,10 +105,10 @@ def micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen: torch
     return loss.item()
 
 
-def precomputed_conditioning(cfg, pipe, translator, batch, rng: random.Random, device):
-    """Stored text features, with caption dropout applied as rows replaced by the empty prompt's features."""
+def precomputed_conditioning(cfg, batch, empty, rng: random.Random, device):
+    """Stored text features, with caption dropout applied as rows replaced by the empty prompt's features
+    (`empty`: [1, S, d] or ([1, S_s, d_s], [1, S_s]), encoded once per run)."""
     drop = torch.tensor([rng.random() < cfg.caption_dropout for _ in range(len(batch["latent_mean"]))])  # [b]
-    empty = conditioning(cfg, pipe, translator, [""], device)  # [1, S, d] or ([1, S_s, d_s], [1, S_s])
     if "text" in batch:
         text = batch["text"].to(device, torch.float32)  # [b, S_t, d_t]
         return torch.where(drop.to(device)[:, None, None], empty.float().expand_as(text), text)
@@ -224,6 +225,8 @@ def train_loop_per_worker(config: dict):
     if tracker:
         state["mlflow_run_id"] = tracker.run_id
     loader = iter(setup_data(cfg, rank, world, data_pos["epoch"], data_pos["batches"]))
+    # the frozen route's encoding of "" for caption dropout on stored features: once, not per micro-batch
+    empty = conditioning(cfg, pipe, translator, [""], device) if cfg.precomputed else None
     fail_at = int(os.environ.get("MTN_FAIL_AT_STEP", "0"))  # fault injection for the restart test
     bar = tqdm(total=cfg.max_steps, desc="finetune_unet") if rank == 0 else None
     if bar:
@@ -247,7 +250,7 @@ def train_loop_per_worker(config: dict):
                 skipped[k] = skipped.get(k, 0) + v
             gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank * 17 + micro)
             rng = random.Random(cfg.seed * 7919 + step * 31 + rank * 3 + micro)
-            losses.append(micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen, rng, dtype))
+            losses.append(micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen, rng, dtype, empty))
             images += len(batch["latent_mean"] if "latent_mean" in batch else batch["captions"])
         if ema is not None:
             ema.update()
@@ -322,10 +325,6 @@ def prepare(cfg: FinetuneConfig) -> FinetuneConfig:
 
 
 def publish(cfg: FinetuneConfig, result) -> dict | None:
-    import shutil
-
-    import fsspec
-
     if result.checkpoint is None:
         print("error: training produced no checkpoint", file=sys.stderr)
         return None
@@ -334,17 +333,8 @@ def publish(cfg: FinetuneConfig, result) -> dict | None:
         if not (d / "pipeline").is_dir():
             print(f"error: the last checkpoint ({result.checkpoint.path}) holds no pipeline", file=sys.stderr)
             return None
-        fs, root = fsspec.core.url_to_fs(cfg.output_dir)
-        for name in ("pipeline", "translator", "metrics.json"):
-            if not (d / name).exists():
-                continue
-            if "://" in cfg.output_dir:
-                fs.put(str(d / name), f"{root}/{name}", recursive=True)
-            elif (d / name).is_dir():
-                shutil.copytree(d / name, Path(root) / name, dirs_exist_ok=True)
-            else:
-                shutil.copy2(d / name, Path(root) / name)
-        state = json.loads((d / "train_state.json").read_text())
+        copy_artifacts(d, cfg.output_dir, ("pipeline", "translator", "metrics.json"))
+        state = json.loads((d / STATE_FILE).read_text())
     summary = {"pipeline": f"{cfg.output_dir}/pipeline", "translator": f"{cfg.output_dir}/translator",
                "checkpoint": result.checkpoint.path, "mlflow_tracking_uri": cfg.mlflow_tracking_uri,
                "mlflow_run_id": state.get("mlflow_run_id"), "steps": state["step"]}

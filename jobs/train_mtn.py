@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from mtn.config import REPO_ROOT, TrainConfig, load_config
 from mtn.data import config_files, config_pairs
 from mtn.data.corpus import batch_indices
 from mtn.data.features import check_cache, encode_rows, expected_record, load_features, read_manifest
-from mtn.distributed import STATE_FILE, fit, load_checkpoint, report
+from mtn.distributed import STATE_FILE, copy_artifacts, fit, load_checkpoint, report
 from mtn.encoders import load_text_encoder
 from mtn.errors import MTNError
 from mtn.losses import mtn_losses
@@ -357,8 +356,6 @@ def run(cfg: TrainConfig):
 
 def publish(cfg: TrainConfig, result) -> dict | None:
     """Copy the translator, loss curve and metrics out of the final checkpoint into output_dir; say where."""
-    import fsspec
-
     if result.checkpoint is None:
         print("error: training produced no checkpoint", file=sys.stderr)
         return None
@@ -369,16 +366,7 @@ def publish(cfg: TrainConfig, result) -> dict | None:
                   f"was max_steps reached?", file=sys.stderr)
             return None
         state = json.loads((d / STATE_FILE).read_text())
-        fs, root = fsspec.core.url_to_fs(cfg.output_dir)
-        for name in ("translator", "loss_curve.png", "metrics.json"):
-            if not (d / name).exists():  # baselines have no loss curve
-                continue
-            if "://" in cfg.output_dir:
-                fs.put(str(d / name), f"{root}/{name}", recursive=True)
-            elif (d / name).is_dir():
-                shutil.copytree(d / name, Path(root) / name, dirs_exist_ok=True)
-            else:
-                shutil.copy2(d / name, Path(root) / name)
+        copy_artifacts(d, cfg.output_dir, ("translator", "loss_curve.png", "metrics.json"))
     metrics = json.loads(Path(cfg.output_dir, "metrics.json").read_text()) if "://" not in cfg.output_dir else {}
     summary = {"translator": f"{cfg.output_dir}/translator", "loss_curve": f"{cfg.output_dir}/loss_curve.png",
                "metrics": f"{cfg.output_dir}/metrics.json", "checkpoint": result.checkpoint.path,

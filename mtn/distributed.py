@@ -48,6 +48,26 @@ def report(engine, state: dict, metrics: dict, rank: int, extra: Callable[[Path]
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def copy_artifacts(checkpoint_dir: Path, output_dir: str, names: tuple[str, ...]) -> None:
+    """Copy the named files/folders of a (final) checkpoint into output_dir, local or s3://; missing ones are
+    skipped (a baseline has no loss curve, a native-encoder finetune no translator)."""
+    import shutil
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    for name in names:
+        src = checkpoint_dir / name
+        if not src.exists():
+            continue
+        if "://" in output_dir:
+            fs.put(str(src), f"{root}/{name}", recursive=True)
+        elif src.is_dir():
+            shutil.copytree(src, Path(root) / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, Path(root) / name)
+
+
 def lr_factor(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float = 0.01) -> Callable[[int], float]:
     """Multiplier of each param group's own lr at a step: linear warmup, then constant or cosine to min_ratio."""
     warmup = max(warmup_steps, 1)
