@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mtn.config import REPO_ROOT, load_config
 from mtn.errors import MTNError
-from mtn.sweep import SweepConfig, best_row, plot_metric_vs_lr, results_table, search_space
+from mtn.sweep import SweepConfig, best_row, needs_own_features, plot_metric_vs_lr, results_table, search_space
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "sweep_local.yaml"
 TRAIN_JOB = REPO_ROOT / "jobs" / "train_mtn.py"
@@ -39,27 +39,30 @@ def train_job():
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def setup_base(cfg: SweepConfig) -> dict:
-    """The base training config, with feature caches (extracted once, here) and absolute paths."""
+def setup_bases(cfg: SweepConfig) -> dict[str, dict]:
+    """{variant: its base training config}, with feature caches (extracted once per encoder setting, here) and
+    absolute paths; one variant "" when the sweep has none."""
     job = train_job()
-    overrides = shlex.split(cfg.base_overrides)
-    base = job.prepare_config(REPO_ROOT / cfg.base_config if not Path(cfg.base_config).is_absolute()
-                              else cfg.base_config, overrides)
-    if not base.feature_cache:
-        feats = Path(cfg.output_dir) / "features"
-        if not (feats / "train" / "manifest.json").is_file():
-            print(f"extracting features once for every trial -> {feats}")
-            extra = [f"feature_cache={feats}/train", f"val_feature_cache={feats}/val"]
-            p = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "extract_features.py"), "--config",
-                                str(REPO_ROOT / cfg.base_config), *overrides, *extra], cwd=REPO_ROOT)
-            if p.returncode != 0:
-                raise MTNError(f"feature extraction failed (exit {p.returncode})")
-        base = job.prepare_config(REPO_ROOT / cfg.base_config, [*overrides, f"feature_cache={feats}/train",
-                                                                 f"val_feature_cache={feats}/val"])
-    base.val_every = base.checkpoint_every = min(base.val_every, base.checkpoint_every)  # ASHA sees every val
-    base.mlflow_tracking_uri = cfg.mlflow_tracking_uri
-    base.mlflow_experiment = cfg.mlflow_experiment
-    return base.to_dict()
+    config = REPO_ROOT / cfg.base_config if not Path(cfg.base_config).is_absolute() else Path(cfg.base_config)
+    bases = {}
+    for variant, extra in cfg.variant_map().items():
+        overrides = [*shlex.split(cfg.base_overrides), *extra]
+        base = job.prepare_config(config, overrides)
+        if not base.feature_cache or needs_own_features(extra):
+            feats = Path(cfg.output_dir) / "features" / (variant or ".")
+            caches = [f"feature_cache={feats.resolve()}/train", f"val_feature_cache={feats.resolve()}/val"]
+            if not (feats / "train" / "manifest.json").is_file():
+                print(f"extracting features once for every trial{' of ' + variant if variant else ''} -> {feats}")
+                p = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "extract_features.py"), "--config",
+                                    str(config), *overrides, *caches], cwd=REPO_ROOT)
+                if p.returncode != 0:
+                    raise MTNError(f"feature extraction failed (exit {p.returncode})")
+            base = job.prepare_config(config, [*overrides, *caches])
+        base.val_every = base.checkpoint_every = min(base.val_every, base.checkpoint_every)  # ASHA sees every val
+        base.mlflow_tracking_uri = cfg.mlflow_tracking_uri
+        base.mlflow_experiment = cfg.mlflow_experiment
+        bases[variant] = base.to_dict()
+    return bases
 
 
 def trial(config: dict) -> None:
@@ -71,33 +74,36 @@ def trial(config: dict) -> None:
     from mtn.distributed import fit
 
     job = train_job()
-    params = {k: v for k, v in config.items() if k not in ("base", "parent_run_id")}
+    params = {k: v for k, v in config.items() if k not in ("bases", "variant", "parent_run_id")}
+    base = config["bases"][config.get("variant", "")]
     trial_id = tune.get_context().get_trial_id()
-    cfg = TrainConfig(**{**config["base"], **params, "name": f"{config['base']['name']}-{trial_id}",
-                         "output_dir": f"{config['base']['output_dir']}/trials/{trial_id}",
-                         "storage_path": f"{config['base']['output_dir']}/trials/{trial_id}/ray_results",
+    cfg = TrainConfig(**{**base, **params, "name": f"{base['name']}-{trial_id}",
+                         "output_dir": f"{base['output_dir']}/trials/{trial_id}",
+                         "storage_path": f"{base['output_dir']}/trials/{trial_id}/ray_results",
                          "mlflow_parent_run_id": config["parent_run_id"]})
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     result = fit(job.train_loop_per_worker, cfg, callbacks=[TuneReportCallback()])
     job.publish(cfg, result)
 
 
-def run_tuner(cfg: SweepConfig, base: dict, parent_run_id: str):
+def run_tuner(cfg: SweepConfig, bases: dict[str, dict], parent_run_id: str):
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     storage = str(Path(cfg.storage_path).resolve())
     if tune.Tuner.can_restore(f"{storage}/{cfg.name}"):
         print(f"resuming the sweep from {storage}/{cfg.name}")
         return tune.Tuner.restore(f"{storage}/{cfg.name}", trainable=trial, resume_errored=False).fit()
+    base = next(iter(bases.values()))
     per_trial = base["num_workers"] * base["cpus_per_worker"]
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = cfg.max_concurrent or max(1, int((cpus - 1) // per_trial) if cpus > per_trial else 1)
-    space = {**search_space(cfg), "base": base, "parent_run_id": parent_run_id}
+    space = {**search_space(cfg), "bases": bases, "parent_run_id": parent_run_id}
     scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=cfg.grace_period,
                               reduction_factor=cfg.reduction_factor,
-                              max_t=max(1, base["max_steps"] // base["checkpoint_every"]))
+                              max_t=max(1, base["max_steps"] // base["checkpoint_every"])) if cfg.early_stop \
+        else FIFOScheduler()
     tuner = tune.Tuner(
         # the trial's own process only waits on its TorchTrainer, whose workers hold the CPUs
         tune.with_resources(trial, {"CPU": 0.01}),
@@ -115,13 +121,13 @@ def rows_of(grid) -> list[dict]:
     for r in grid:
         m, c = r.metrics or {}, r.config or {}
         trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "")
-        rows.append({"trial": trial_id, "status": "error" if r.error else "ok",
+        rows.append({"trial": trial_id, "status": "error" if r.error else "ok", "variant": c.get("variant", ""),
                      "lr": c.get("lr"), "num_modules": c.get("num_modules"), "hidden_dim": c.get("hidden_dim"),
                      "loss_rec": c.get("loss_rec"), "loss_adv": c.get("loss_adv"), "steps": m.get("step"),
                      **{k: m.get(k) for k in ("val/r@1", "val/token_mse", "val/pooled_cosine",
                                               "val/linear_token_mse", "val/margin_token_mse_pct")},
                      "error": str(r.error).splitlines()[0] if r.error else "",
-                     "output_dir": f"{c['base']['output_dir']}/trials/{trial_id}" if c else ""})
+                     "output_dir": f"{c['bases'][c.get('variant', '')]['output_dir']}/trials/{trial_id}" if c else ""})
     return rows
 
 
@@ -137,14 +143,14 @@ def main(argv=None) -> int:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                    or f"sqlite:///{cfg.output_dir}/mlflow.db")
-        base = setup_base(cfg)
-        return sweep(cfg, base)
+        bases = setup_bases(cfg)
+        return sweep(cfg, bases)
     except MTNError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def sweep(cfg: SweepConfig, base: dict) -> int:
+def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
     import mlflow
     import ray
 
@@ -157,7 +163,7 @@ def sweep(cfg: SweepConfig, base: dict) -> int:
     local = {} if address else {"num_cpus": (os.cpu_count() or 1) + 1}
     ray.init(address=address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT),
                                                          "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}, **local)
-    grid = run_tuner(cfg, base, tracker.run_id)
+    grid = run_tuner(cfg, bases, tracker.run_id)
     ray.shutdown()
     rows = rows_of(grid)
     csv_text, md = results_table(rows)

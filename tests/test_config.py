@@ -6,7 +6,9 @@ from mtn.config import TrainConfig, load_config
 from mtn.errors import MTNError
 from mtn.finetune_config import FinetuneConfig
 
-CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+REPO = Path(__file__).parents[1]
+CONFIG_DIR = REPO / "jobs" / "configs"
+CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").rglob("*.yaml"))
 
 
 def test_configs_exist():
@@ -17,10 +19,20 @@ def test_configs_exist():
 def test_every_config_instantiates(path):
     text = path.read_text()
     assert "python jobs/" in text.split("\n\n")[0], f"{path.name}: header must show the command that runs it"
+    assert f"jobs/configs/{path.relative_to(CONFIG_DIR)}" in text.split("\n\n")[0] or path.name.endswith("local.yaml"), \
+        f"{path.name}: header command must name this config"
     if "python jobs/sweep_mtn.py" in text.split("\n\n")[0]:
-        from mtn.sweep import SweepConfig
+        from mtn.sweep import SweepConfig, search_space
 
-        assert isinstance(load_config(path, cls=SweepConfig), SweepConfig)
+        cfg = load_config(path, cls=SweepConfig)
+        assert (REPO / cfg.base_config).is_file() and search_space(cfg)
+        for overrides in cfg.variant_map().values():  # every variant is a valid training config
+            load_config(REPO / cfg.base_config, [*cfg.base_overrides.split(), *overrides])
+        return
+    if "python jobs/evaluate.py" in text.split("\n\n")[0]:
+        from mtn.eval.config import EvalConfig
+
+        assert isinstance(load_config(path, cls=EvalConfig), EvalConfig)
         return
     if "python jobs/finetune_unet.py" in text.split("\n\n")[0]:
         cfg = load_config(path, cls=FinetuneConfig)
@@ -33,7 +45,7 @@ def test_every_config_instantiates(path):
 
 def test_overrides_types_and_templates(monkeypatch, tmp_path):
     monkeypatch.setenv("MTN_SHARED_DATA", str(tmp_path))
-    cfg = load_config(CONFIGS[0].parent / "multi30k.yaml", ["source_lang=fr", "lr=1e-4", "max_steps=7",
+    cfg = load_config(CONFIG_DIR / "multi30k.yaml", ["source_lang=fr", "lr=1e-4", "max_steps=7",
                                                             "use_gpu=true", "hidden_dim=null"])
     assert cfg.source_file == f"{tmp_path}/multi30k/train.fr.gz"
     assert cfg.name == "mtn-multi30k-fr" and cfg.output_dir == "outputs/multi30k-fr"
@@ -51,7 +63,7 @@ def test_overrides_types_and_templates(monkeypatch, tmp_path):
 ])
 def test_bad_configs_are_refused_with_a_message(overrides, match):
     with pytest.raises(MTNError, match=match):
-        load_config(CONFIGS[0].parent / "local.yaml", overrides)
+        load_config(CONFIG_DIR / "local.yaml", overrides)
 
 
 def test_missing_config_file():

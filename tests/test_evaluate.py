@@ -1,0 +1,162 @@
+import gzip
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtn.errors import MTNError
+from mtn.eval.prompts import read_parallel, read_prompts
+from mtn.eval.report import compare_table, tables
+from mtn.eval.tsne import tsne_map
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------------------------------- prompt sets
+def test_prompt_formats(tmp_path):
+    (tmp_path / "p.txt").write_text("a red dog\n\n  a cat  \n")
+    (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nbond\tAbstract\nan owl\tAnimals\n")
+    (tmp_path / "coco.json").write_text(json.dumps({"annotations": [{"caption": "a man"}, {"caption": "a boat"}]}))
+    with gzip.open(tmp_path / "p.de.gz", "wt") as f:
+        f.write("ein roter Hund\neine Katze\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a red dog", "a cat"]
+    assert read_prompts(str(tmp_path / "parti.tsv")) == ["bond", "an owl"]
+    assert read_prompts(str(tmp_path / "coco.json"), limit=1) == ["a man"]
+    assert read_parallel(str(tmp_path / "p.de.gz"), str(tmp_path / "p.txt")) == (
+        ["ein roter Hund", "eine Katze"], ["a red dog", "a cat"])
+    assert read_parallel(str(tmp_path / "p.txt"), None) == (["a red dog", "a cat"], ["a red dog", "a cat"])
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("missing.txt", None, "not found"),
+    ("empty.txt", "\n\n", "holds no prompts"),
+    ("bad.tsv", "Text\nx\n", "'Prompt' column"),
+    ("bad.json", "{}", "annotations"),
+])
+def test_bad_prompt_files(tmp_path, name, text, match):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(MTNError, match=match):
+        read_prompts(str(tmp_path / name))
+
+
+def test_misaligned_reference_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("x\ny\n")
+    (tmp_path / "b.txt").write_text("x\n")
+    with pytest.raises(MTNError, match="line i of one must translate"):
+        read_parallel(str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+
+
+# ------------------------------------------------------------------------------------------- reports, map
+def test_tables_and_compare_marks_the_best():
+    csv_text, md = tables([{"a": 1.23456, "b": None}], ["a", "b"])
+    assert csv_text.splitlines() == ["a,b", "1.23456,"] and "| 1.235 |  |" in md
+    runs = [{"id": "aaaaaaaaaa", "name": "r1", "metrics": {"align/de/token_mse": 0.2, "gen/g7.5/clip_score": 30.0}},
+            {"id": "bbbbbbbbbb", "name": "r2", "metrics": {"align/de/token_mse": 0.1, "gen/g7.5/clip_score": 20.0,
+                                                           "steps": 3.0}}]
+    lines = compare_table(runs).splitlines()
+    assert lines[0] == "| metric | r1 (aaaaaaaa) | r2 (bbbbbbbb) |"
+    assert "| align/de/token_mse | 0.2 | 0.1 * |" in lines
+    assert "| gen/g7.5/clip_score | 30 * | 20 |" in lines
+    assert "| steps |  | 3 |" in lines  # missing in one run: empty, and no direction known: no mark
+
+
+def test_tsne_map_with_different_source_width(tmp_path):
+    rng = np.random.default_rng(0)
+    groups = {lg: {"source": rng.normal(size=(20, 12)), "target": rng.normal(size=(20, 8)),
+                   "translated": rng.normal(size=(20, 8))} for lg in ("en", "de")}
+    path = tsne_map(groups, tmp_path / "tsne.png")
+    with Image.open(path) as im:
+        assert im.size[0] > 300 and im.size[1] > 300
+
+
+# ------------------------------------------------------------------------------------------- the job
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+    from mtn.pipeline import build_tiny_translator
+
+    d = tmp_path_factory.mktemp("eval")
+    build_tiny_translator(source_len=24).save(d / "translator")
+    (d / "test.en").write_text("\n".join(f"a {c} dog runs on the beach" for c in ("red", "blue", "green", "black",
+                                                                               "white", "brown")) + "\n")
+    (d / "test.de").write_text("\n".join(f"ein {c} Hund rennt am Strand" for c in ("roter", "blauer", "gruener",
+                                                                                 "schwarzer", "weisser", "brauner"))
+                               + "\n")
+    (d / "prompts.de").write_text("ein roter Hund\neine Katze im Schnee\nein Boot\n")
+    (d / "prompts.en").write_text("a red dog\na cat in the snow\na boat\n")
+    return d
+
+
+def job_overrides(d: Path, out: Path, *extra: str) -> list[str]:
+    return [f"output_dir={out}", f"translator={d / 'translator'}", "languages=en,de",
+            f"align_source_file={d}/test.{{lang}}", f"align_target_file={d}/test.en", "tsne_samples=6",
+            f"prompts={d}/prompts.de", f"prompts_reference={d}/prompts.en", "guidance_scales=1.5,7.5", "steps=2",
+            "batch_size=2", "fid_features=tiny", f"mlflow_tracking_uri=sqlite:///{d}/mlflow.db", *extra]
+
+
+def test_evaluate_job_produces_every_metric(eval_setup, tmp_path, capsys):
+    import mlflow
+
+    job = load_job()
+    out = tmp_path / "out"
+    assert job.main(job_overrides(eval_setup, out)) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    align = {r["language"]: r for r in summary["alignment"]}
+    assert set(align) == {"en", "de"} and all(r["pairs"] == 6 for r in align.values())
+    for r in align.values():
+        assert r["token_mse"] > 0 and -1 <= r["pooled_cosine"] <= 1 and 0 <= r["r@1"] <= r["r@5"] <= 1
+    gen = summary["generation"]
+    assert [(r["route"], r["guidance"]) for r in gen] == [("translated", 1.5), ("native", 1.5), ("translated", 7.5),
+                                                           ("native", 7.5)]
+    for r in gen:
+        assert r["images"] == 3 and 0 <= r["clip_score"] <= 100 and 0 <= r["mclip_score"] <= 100
+        assert (r["route"] == "translated") == ("fid" in r)  # FID of the translated route against the native one
+        assert r.get("fid", 0) >= 0 and math.isfinite(r.get("fid", 0))
+    assert "smoke" in summary["notes"]["fid_features"]
+    assert (out / "tsne.png").is_file() and len(list((out / "images" / "translated-g7.5").glob("*.png"))) == 3
+    assert (out / "alignment.md").read_text().count("\n") == 4 and (out / "generation.csv").is_file()
+
+    mlflow.set_tracking_uri(f"sqlite:///{eval_setup}/mlflow.db")
+    run = mlflow.search_runs(experiment_names=["mtn-eval"], output_format="list")[0]
+    assert {"align/de/r_at_1", "align/en/token_mse", "gen/translated/g7.5/clip_score", "gen/translated/g1.5/fid",
+            "gen/native/g7.5/mclip_score"} <= set(run.data.metrics)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"tsne.png", "alignment.md", "generation.md", "metrics.json", "grids"} <= arts
+
+    # the same seeds and prompts give the same images, hence the same metrics; --compare puts runs side by side
+    assert job.main(job_overrides(eval_setup, tmp_path / "out2", "guidance_scales=7.5", "languages=de")) == 0
+    again = json.loads((tmp_path / "out2" / "metrics.json").read_text())
+    assert again["generation"][0]["clip_score"] == pytest.approx(gen[2]["clip_score"], abs=1e-4)
+    assert again["alignment"][0]["token_mse"] == pytest.approx(align["de"]["token_mse"], rel=1e-5)
+    ids = [r.info.run_id for r in mlflow.search_runs(experiment_names=["mtn-eval"], output_format="list")]
+    capsys.readouterr()
+    assert job.main([f"mlflow_tracking_uri=sqlite:///{eval_setup}/mlflow.db", "--compare", *ids]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| metric |") and "gen/translated/g7.5/clip_score" in table and ids[1][:8] in table
+
+
+def test_evaluate_alignment_only_and_bad_input(eval_setup, tmp_path, capsys):
+    job = load_job()
+    base = job_overrides(eval_setup, tmp_path / "o", "pipeline=null", "tsne=false")
+    assert job.main(base) == 0
+    assert "generation" not in json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert not (tmp_path / "o" / "tsne.png").exists()
+    for extra, match in [(["translator=/nope"], "model folder not found"),
+                         (["guidance_scales=high"], "not a comma list of numbers"),
+                         (["languages=fr"], "not found"),
+                         (["--compare", "deadbeef"], "no MLflow run")]:
+        capsys.readouterr()
+        assert job.main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err
