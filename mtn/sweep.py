@@ -25,11 +25,15 @@ class SweepConfig:
     hidden_dims: str = ""  # optional axis: MTN widths (comma list); "" keeps the base config's
     loss_rec: str = ""  # optional axes: loss weights (comma lists)
     loss_adv: str = ""
+    # named override sets crossed with the axes above, "name: key=value ...; name: ...", e.g. the loss ablation
+    # "mse: loss_rec=0; +rec: loss_rec=0.1". A variant that changes an encoder key gets its own feature cache.
+    variants: str = ""
     num_samples: int = 4  # trials (grid axes are crossed with this many lr samples each round)
     seed: int = 0
     # --- early stopping (ASHA on the metric every val report)
     metric: str = "val/r@1"
     mode: str = "max"  # max | min
+    early_stop: bool = True  # ASHA; false runs every trial to max_steps (ablations compare full runs)
     grace_period: int = 1  # validation reports before a trial may be stopped
     reduction_factor: int = 2
     max_concurrent: int = 0  # 0: as many as the cluster's CPUs allow
@@ -66,22 +70,46 @@ class SweepConfig:
         except ValueError:
             raise MTNError(f"config: {text!r} is not a comma list of numbers") from None
 
+    def variant_map(self) -> dict[str, list[str]]:
+        """variants -> {name: [key=value, ...]}; {"": []} when there are none."""
+        out: dict[str, list[str]] = {}
+        for part in [p.strip() for p in self.variants.split(";") if p.strip()]:
+            name, sep, overrides = part.partition(":")
+            if not sep or not name.strip():
+                raise MTNError(f"config: variant {part!r} is not 'name: key=value ...'")
+            if name.strip() in out:
+                raise MTNError(f"config: variant {name.strip()!r} is given twice")
+            out[name.strip()] = overrides.split()
+        return out or {"": []}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# a variant overriding one of these changes what the frozen encoders output, so it needs its own feature cache
+ENCODER_KEYS = ("source_encoder", "source_max_length", "source_prefix", "source_subfolder", "target_encoder",
+                "target_max_length", "target_prefix", "corpus", "source_file", "target_file", "max_train_samples")
+
+
+def needs_own_features(overrides: list[str]) -> bool:
+    return any(o.partition("=")[0] in ENCODER_KEYS for o in overrides)
 
 
 def search_space(cfg: SweepConfig) -> dict:
     from ray import tune
 
-    space = {"lr": tune.loguniform(cfg.lr_min, cfg.lr_max), "num_modules": tune.grid_search(cfg.int_list(cfg.num_modules))}
+    lr = cfg.lr_min if cfg.lr_min == cfg.lr_max else tune.loguniform(cfg.lr_min, cfg.lr_max)  # lr_min == lr_max: fixed
+    space = {"lr": lr, "num_modules": tune.grid_search(cfg.int_list(cfg.num_modules))}
     for key, values in (("hidden_dim", cfg.int_list(cfg.hidden_dims)), ("loss_rec", cfg.float_list(cfg.loss_rec)),
                         ("loss_adv", cfg.float_list(cfg.loss_adv))):
         if values:
             space[key] = tune.grid_search(values)
+    if list(cfg.variant_map()) != [""]:
+        space["variant"] = tune.grid_search(list(cfg.variant_map()))
     return space
 
 
-COLUMNS = ["trial", "status", "lr", "num_modules", "hidden_dim", "loss_rec", "loss_adv", "steps", "val/r@1",
+COLUMNS = ["trial", "status", "variant", "lr", "num_modules", "hidden_dim", "loss_rec", "loss_adv", "steps", "val/r@1",
            "val/token_mse", "val/pooled_cosine", "val/linear_token_mse", "val/margin_token_mse_pct", "error"]
 
 
@@ -110,10 +138,11 @@ def plot_metric_vs_lr(rows: list[dict], metric: str, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for modules in sorted({r["num_modules"] for r in rows}):
-        pts = sorted((r["lr"], r[metric]) for r in rows if r["num_modules"] == modules and _finite(r.get(metric)))
+    for variant, modules in sorted({(r.get("variant") or "", r["num_modules"]) for r in rows}):
+        pts = sorted((r["lr"], r[metric]) for r in rows if r["num_modules"] == modules
+                     and (r.get("variant") or "") == variant and _finite(r.get(metric)))
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{modules} residual modules")
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{variant + ', ' if variant else ''}{modules} RM")
     ax.set(xscale="log", xlabel="learning rate", ylabel=metric, title=f"{metric} vs lr")
     ax.legend()
     fig.tight_layout()
