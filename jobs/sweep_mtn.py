@@ -59,13 +59,14 @@ def setup_bases(cfg: SweepConfig) -> dict[str, dict]:
                     raise MTNError(f"feature extraction failed (exit {p.returncode})")
             base = job.prepare_config(config, [*overrides, *caches])
         base.val_every = base.checkpoint_every = min(base.val_every, base.checkpoint_every)  # ASHA sees every val
+        base.output_dir = cfg.output_dir  # trials write into the sweep's folder, never into the base job's
         base.mlflow_tracking_uri = cfg.mlflow_tracking_uri
         base.mlflow_experiment = cfg.mlflow_experiment
         bases[variant] = base.to_dict()
     return bases
 
 
-def trial(config: dict) -> None:
+def trial(config: dict, bases: dict[str, dict], parent_run_id: str) -> None:
     """One Tune trial: the training driver with this trial's hyperparameters, reporting to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -74,13 +75,13 @@ def trial(config: dict) -> None:
     from mtn.distributed import fit
 
     job = train_job()
-    params = {k: v for k, v in config.items() if k not in ("bases", "variant", "parent_run_id")}
-    base = config["bases"][config.get("variant", "")]
+    params = {k: v for k, v in config.items() if k != "variant"}
+    base = bases[config.get("variant", "")]
     trial_id = tune.get_context().get_trial_id()
     cfg = TrainConfig(**{**base, **params, "name": f"{base['name']}-{trial_id}",
                          "output_dir": f"{base['output_dir']}/trials/{trial_id}",
                          "storage_path": f"{base['output_dir']}/trials/{trial_id}/ray_results",
-                         "mlflow_parent_run_id": config["parent_run_id"]})
+                         "mlflow_parent_run_id": parent_run_id})
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     result = fit(job.train_loop_per_worker, cfg, callbacks=[TuneReportCallback()])
     job.publish(cfg, result)
@@ -92,22 +93,26 @@ def run_tuner(cfg: SweepConfig, bases: dict[str, dict], parent_run_id: str):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     storage = str(Path(cfg.storage_path).resolve())
+    # the base configs ride along as constants (with_parameters), not in the param space: Tune's tables and the
+    # trial configs show the hyperparameters only. The trial's own process only waits on its TorchTrainer.
+    trainable = tune.with_resources(tune.with_parameters(trial, bases=bases, parent_run_id=parent_run_id),
+                                    {"CPU": 0.01})
     if tune.Tuner.can_restore(f"{storage}/{cfg.name}"):
         print(f"resuming the sweep from {storage}/{cfg.name}")
-        return tune.Tuner.restore(f"{storage}/{cfg.name}", trainable=trial, resume_errored=False).fit()
+        return tune.Tuner.restore(f"{storage}/{cfg.name}", trainable=trainable, resume_errored=False).fit()
     base = next(iter(bases.values()))
     per_trial = base["num_workers"] * base["cpus_per_worker"]
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = cfg.max_concurrent or max(1, int((cpus - 1) // per_trial) if cpus > per_trial else 1)
-    space = {**search_space(cfg), "bases": bases, "parent_run_id": parent_run_id}
+    # max_t one past the last report: at max_t ASHA stops the trial itself, before the trial function returns and
+    # publishes its translator; the last report should end the trial by training ending, not by a STOP
     scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=cfg.grace_period,
                               reduction_factor=cfg.reduction_factor,
-                              max_t=max(1, base["max_steps"] // base["checkpoint_every"])) if cfg.early_stop \
+                              max_t=max(1, base["max_steps"] // base["checkpoint_every"]) + 1) if cfg.early_stop \
         else FIFOScheduler()
     tuner = tune.Tuner(
-        # the trial's own process only waits on its TorchTrainer, whose workers hold the CPUs
-        tune.with_resources(trial, {"CPU": 0.01}),
-        param_space=space,
+        trainable,
+        param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
                                     num_samples=cfg.num_samples, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage,
@@ -116,7 +121,7 @@ def run_tuner(cfg: SweepConfig, bases: dict[str, dict], parent_run_id: str):
     return tuner.fit()
 
 
-def rows_of(grid) -> list[dict]:
+def rows_of(grid, bases: dict[str, dict]) -> list[dict]:
     rows = []
     for r in grid:
         m, c = r.metrics or {}, r.config or {}
@@ -126,8 +131,11 @@ def rows_of(grid) -> list[dict]:
                      "loss_rec": c.get("loss_rec"), "loss_adv": c.get("loss_adv"), "steps": m.get("step"),
                      **{k: m.get(k) for k in ("val/r@1", "val/token_mse", "val/pooled_cosine",
                                               "val/linear_token_mse", "val/margin_token_mse_pct")},
-                     "error": str(r.error).splitlines()[0] if r.error else "",
-                     "output_dir": f"{c['bases'][c.get('variant', '')]['output_dir']}/trials/{trial_id}" if c else ""})
+                     "error": str(r.error).splitlines()[0] if r.error else ""})
+        out = f"{bases[c.get('variant', '')]['output_dir']}/trials/{trial_id}" if c else ""
+        # only trials that trained to the end publish a translator (ASHA-stopped ones have a checkpoint only)
+        rows[-1]["translator"] = f"{out}/translator" if out and Path(out, "translator", "translator.json").is_file() \
+            else ""
     return rows
 
 
@@ -165,7 +173,7 @@ def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
                                                          "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}, **local)
     grid = run_tuner(cfg, bases, tracker.run_id)
     ray.shutdown()
-    rows = rows_of(grid)
+    rows = rows_of(grid, bases)
     csv_text, md = results_table(rows)
     out = Path(cfg.output_dir)
     (out / "results.csv").write_text(csv_text)
@@ -178,9 +186,9 @@ def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
     if failed:
         print(f"{len(failed)} trial(s) failed (the sweep went on): " + "; ".join(f"{r['trial']}: {r['error']}"
                                                                            for r in failed))
-    best = best_row(rows, cfg.metric, cfg.mode)
+    best = best_row([r for r in rows if r["translator"]], cfg.metric, cfg.mode)
     if best is None:
-        print("no trial finished: nothing to register", file=sys.stderr)
+        print("no trial trained to the end: nothing to register", file=sys.stderr)
         mlflow.end_run()
         return 1
     margin = best.get("val/margin_token_mse_pct")
@@ -189,7 +197,7 @@ def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
     print(f"best trial {best['trial']}: lr={best['lr']:.3g} num_modules={best['num_modules']} "
           f"{cfg.metric}={best[cfg.metric]:.4f}, token MSE margin over the linear map {margin:+.2f}%")
     if cfg.register_model and margin is not None and margin >= cfg.gate_margin_pct:
-        mlflow.log_artifacts(f"{best['output_dir']}/translator", "best_translator")
+        mlflow.log_artifacts(best["translator"], "best_translator")
         uri = register_folder(mlflow, cfg.register_model, tracker.run_id, "best_translator")
         mlflow.set_tag("mtn.registered_model", uri)
         print(f"registered the best translator as {uri} (it beats the linear map by {margin:.2f}% >= "

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,24 +108,14 @@ def search_space(cfg: SweepConfig) -> dict:
 
 
 COLUMNS = ["trial", "status", "variant", "lr", "num_modules", "hidden_dim", "loss_rec", "loss_adv", "steps", "val/r@1",
-           "val/token_mse", "val/pooled_cosine", "val/linear_token_mse", "val/margin_token_mse_pct", "error"]
+           "val/token_mse", "val/pooled_cosine", "val/linear_token_mse", "val/margin_token_mse_pct", "translator", "error"]
 
 
 def results_table(rows: list[dict]) -> tuple[str, str]:
     """rows (one per trial) -> (CSV text, Markdown text)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+    from mtn.eval.report import tables
 
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v).replace("|", "/")[:80]
-
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return buf.getvalue(), "\n".join(md) + "\n"
+    return tables([{**r, "error": (r.get("error") or "")[:80]} for r in rows], COLUMNS)
 
 
 def plot_metric_vs_lr(rows: list[dict], metric: str, path: str | Path) -> Path:

@@ -31,21 +31,6 @@ from typing import TYPE_CHECKING, Any
 from mtn.errors import MTNError
 from mtn.eval.tiny_clip import build_tiny_clip, build_tiny_mclip
 
-__all__ = [
-    "MultilingualTextEncoder",
-    "build_tiny_clip",
-    "build_tiny_mclip",
-    "clip_image_embeds",
-    "clip_pair_scores",
-    "clip_score",
-    "clip_score_from_embeddings",
-    "clip_score_torchmetrics",
-    "clip_text_embeds",
-    "multilingual_clip_score",
-    "resolve_clip",
-    "resolve_mclip",
-]
-
 if TYPE_CHECKING:
     import torch
     from PIL import Image
