@@ -123,7 +123,7 @@ def render(cfg: EvalConfig, pipe, translator, prompts: list[str], guidance: floa
           "width": cfg.width or size}
     folder.mkdir(parents=True, exist_ok=True)
     images = []
-    for i in range(0, len(prompts), cfg.batch_size):
+    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"{folder.name} batches", leave=False):
         chunk = prompts[i:i + cfg.batch_size]
         images += generate(pipe, translator, chunk, seeds=[cfg.seed + i + k for k in range(len(chunk))], **kw)
     for i, im in enumerate(images):
@@ -134,17 +134,28 @@ def render(cfg: EvalConfig, pipe, translator, prompts: list[str], guidance: floa
 def generation(cfg: EvalConfig, pipe, translator, out: Path) -> tuple[list[dict], dict]:
     from mtn.diffusion import image_grid
     from mtn.eval.clip import clip_score_torchmetrics, multilingual_clip_score, resolve_clip, resolve_mclip
-    from mtn.eval.fid import build_feature_extractor, feature_stats, frechet_distance, image_features, reference_stats
+    from mtn.eval.fid import (
+        build_feature_extractor,
+        feature_stats,
+        frechet_distance,
+        image_features,
+        reference_stats,
+        save_stats,
+    )
     from mtn.eval.prompts import read_parallel
 
     prompts, reference = read_parallel(cfg.prompts, cfg.prompts_reference, cfg.max_prompts)
     cache = out / "metric-models"
     clip = resolve_clip(cfg.clip_model, cache) if cfg.clip_model else None
     mclip = resolve_mclip(cfg.mclip_model, cache, clip) if cfg.mclip_model and clip else None
+    if cfg.mclip_model and not clip:
+        print("note: no multilingual CLIP score: it needs clip_model for the image side")
     extractor = build_feature_extractor(cfg.fid_features) if cfg.fid_reference else None
     fixed = None
     if cfg.fid_reference and cfg.fid_reference != "native":
-        fixed = reference_stats(cfg.fid_reference, extractor)
+        fixed = reference_stats(cfg.fid_reference, extractor, progress=True)
+        if not cfg.fid_reference.endswith(".npz"):  # reusable: fid_reference=<output_dir>/fid_reference.npz
+            save_stats(out / "fid_reference.npz", *fixed)
     rows, grids = [], {}
     routes = [("translated", translator, prompts)] + ([("native", None, reference)]
                                                       if cfg.fid_reference == "native" else [])

@@ -133,10 +133,18 @@ def rows_of(grid, bases: dict[str, dict]) -> list[dict]:
                                               "val/linear_token_mse", "val/margin_token_mse_pct")},
                      "error": str(r.error).splitlines()[0] if r.error else ""})
         out = f"{bases[c.get('variant', '')]['output_dir']}/trials/{trial_id}" if c else ""
-        # only trials that trained to the end publish a translator (ASHA-stopped ones have a checkpoint only)
-        rows[-1]["translator"] = f"{out}/translator" if out and Path(out, "translator", "translator.json").is_file() \
-            else ""
+        rows[-1]["translator"] = final_translator(out) if out else ""
     return rows
+
+
+def final_translator(trial_dir: str) -> str:
+    """The translator a trial trained to the end, or "". The trial publishes it to trial_dir/translator; when ASHA
+    stops a trial at a rung that is also its last report, it dies before publishing, but its final checkpoint
+    (the only one holding a translator) is there."""
+    if Path(trial_dir, "translator", "translator.json").is_file():
+        return f"{trial_dir}/translator"
+    found = sorted(Path(trial_dir, "ray_results").glob("*/checkpoint_*/translator/translator.json"))
+    return str(found[-1].parent) if found else ""
 
 
 # ----------------------------------------------------------------------------------------------- driver

@@ -27,7 +27,9 @@ def fetch_folder(uri: str, marker: str, cache_dir: str | Path | None = None) -> 
         if not path.is_dir():
             raise MTNError(f"model folder not found: {uri}")
         return _find_marker(path, marker, uri)
-    dest = Path(cache_dir or default_cache_dir()) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    # models:/name/1 names different models in different MLflow stores: the store is part of the cache key
+    store = _tracking_uri() if uri.startswith(MLFLOW_SCHEMES) else ""
+    dest = Path(cache_dir or default_cache_dir()) / hashlib.sha256(f"{store}|{uri}".encode()).hexdigest()[:16]
     done = dest / ".complete"
     if not done.is_file():
         if dest.exists():
@@ -37,12 +39,19 @@ def fetch_folder(uri: str, marker: str, cache_dir: str | Path | None = None) -> 
         tmp.mkdir(parents=True)
         try:
             _download(uri, tmp)
+            _find_marker(tmp, marker, uri)  # a download without the marker is never cached as complete
         except MTNError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         tmp.rename(dest)
         done.write_text(uri)
     return _find_marker(dest, marker, uri)
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def _download(uri: str, dest: Path) -> None:
@@ -63,7 +72,7 @@ def _download(uri: str, dest: Path) -> None:
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
     except Exception as e:  # MlflowException, REST errors: one line for the user
-        raise MTNError(f"cannot download {uri} from MLflow ({os.environ.get('MLFLOW_TRACKING_URI', 'default store')}):"
+        raise MTNError(f"cannot download {uri} from MLflow ({_tracking_uri()}):"
                        f" {str(e).splitlines()[0]}") from None
 
 

@@ -64,12 +64,13 @@ def test_tables_and_compare_marks_the_best():
     assert csv_text.splitlines() == ["a,b", "1.23456,"] and "| 1.235 |  |" in md
     runs = [{"id": "aaaaaaaaaa", "name": "r1", "metrics": {"align/de/token_mse": 0.2, "gen/g7.5/clip_score": 30.0}},
             {"id": "bbbbbbbbbb", "name": "r2", "metrics": {"align/de/token_mse": 0.1, "gen/g7.5/clip_score": 20.0,
-                                                           "steps": 3.0}}]
+                                                           "steps": 3.0}},
+            {"id": "cccccccccc", "name": "r3", "metrics": {"align/de/token_mse": 0.1, "gen/g7.5/clip_score": 30.0}}]
     lines = compare_table(runs).splitlines()
-    assert lines[0] == "| metric | r1 (aaaaaaaa) | r2 (bbbbbbbb) |"
-    assert "| align/de/token_mse | 0.2 | 0.1 * |" in lines
-    assert "| gen/g7.5/clip_score | 30 * | 20 |" in lines
-    assert "| steps |  | 3 |" in lines  # missing in one run: empty, and no direction known: no mark
+    assert lines[0] == "| metric | r1 (aaaaaaaa) | r2 (bbbbbbbb) | r3 (cccccccc) |"
+    assert "| align/de/token_mse | 0.2 | 0.1 * | 0.1 * |" in lines  # lower is better; ties all marked
+    assert "| gen/g7.5/clip_score | 30 * | 20 | 30 * |" in lines
+    assert "| steps |  | 3 |  |" in lines  # missing in a run: empty; no known direction: no mark
 
 
 def test_tsne_map_with_different_source_width(tmp_path):
@@ -144,6 +145,26 @@ def test_evaluate_job_produces_every_metric(eval_setup, tmp_path, capsys):
     assert job.main([f"mlflow_tracking_uri=sqlite:///{eval_setup}/mlflow.db", "--compare", *ids]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| metric |") and "gen/translated/g7.5/clip_score" in table and ids[1][:8] in table
+
+
+def test_fid_against_a_folder_then_its_saved_stats(eval_setup, tmp_path):
+    """A reference folder gives FID 0 for the very images it holds; its stats are saved and give the same FID."""
+    job = load_job()
+    first = tmp_path / "first"
+    assert job.main(job_overrides(eval_setup, first, "guidance_scales=7.5", "languages=de", "tsne=false",
+                                  "clip_model=null")) == 0
+    folder = first / "images" / "translated-g7.5"
+    second = tmp_path / "second"
+    assert job.main(job_overrides(eval_setup, second, "guidance_scales=7.5", "languages=de", "tsne=false",
+                                  "clip_model=null", f"fid_reference={folder}")) == 0
+    gen = json.loads((second / "metrics.json").read_text())["generation"]
+    assert [r["route"] for r in gen] == ["translated"] and gen[0]["fid"] == pytest.approx(0, abs=1e-6)
+    assert "clip_score" not in gen[0] and "mclip_score" not in gen[0]  # no CLIP model: no CLIP scores
+    third = tmp_path / "third"
+    assert job.main(job_overrides(eval_setup, third, "guidance_scales=1.5", "languages=de", "tsne=false",
+                                  "clip_model=null", f"fid_reference={second / 'fid_reference.npz'}")) == 0
+    fid_npz = json.loads((third / "metrics.json").read_text())["generation"][0]["fid"]
+    assert fid_npz > 0  # other guidance, other images
 
 
 def test_evaluate_alignment_only_and_bad_input(eval_setup, tmp_path, capsys):

@@ -145,6 +145,31 @@ def test_fetch_from_mlflow_run(tiny_serving, tmp_path, monkeypatch):
         fetch_folder("runs:/0000/translator", "translator.json", cache_dir=tmp_path / "cache")
 
 
+def test_registry_uris_are_cached_per_store_and_only_when_complete(tiny_serving, tmp_path, monkeypatch):
+    """models:/m/1 of one MLflow store is not models:/m/1 of another; a version whose folder lacks the marker is
+    refused every time, never cached as if it were complete."""
+    import mlflow
+
+    from mtn.tracking import register_folder
+
+    folders = []
+    for store, logged in (("a", tiny_serving[1]), ("b", tiny_serving[1] / "mtn")):  # b: no translator.json
+        uri = f"sqlite:///{tmp_path}/{store}.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.create_experiment("e", artifact_location=str(tmp_path / f"artifacts-{store}"))
+        with mlflow.start_run(experiment_id=exp) as run:
+            mlflow.log_artifacts(str(logged), "translator")
+        assert register_folder(mlflow, "m", run.info.run_id, "translator") == "models:/m/1"
+        if store == "a":
+            folders.append(fetch_folder("models:/m/1", "translator.json", cache_dir=tmp_path / "cache"))
+    for _ in range(2):
+        with pytest.raises(MTNError, match="holds no translator.json"):
+            fetch_folder("models:/m/1", "translator.json", cache_dir=tmp_path / "cache")
+    assert (folders[0] / "translator.json").is_file()
+    assert len([p for p in (tmp_path / "cache").iterdir() if (p / ".complete").is_file()]) == 1
+
+
 # ------------------------------------------------------------------------------------------- generation core
 
 

@@ -28,14 +28,14 @@ def tables(rows: list[dict], columns: list[str]) -> tuple[str, str]:
 
 def compare_table(runs: list[dict]) -> str:
     """runs: [{"id", "name", "metrics": {key: value}}] -> Markdown, one row per metric, one column per run.
-    The best value per row is marked (*) where the metric's direction is known."""
+    The best value per row (all of them on a tie) is marked (*) where the metric's direction is known."""
     keys = sorted({k for r in runs for k in r["metrics"]})
     head = ["metric"] + [f"{r['name']} ({r['id'][:8]})" for r in runs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in keys:
         vals = [r["metrics"].get(k) for r in runs]
         best = _best(k, vals)
-        lines.append("| " + " | ".join([k] + [cell(v) + (" *" if i == best else "") for i, v in enumerate(vals)])
+        lines.append("| " + " | ".join([k] + [cell(v) + (" *" if i in best else "") for i, v in enumerate(vals)])
                      + " |")
     return "\n".join(lines) + "\n"
 
@@ -44,16 +44,18 @@ LOWER_IS_BETTER = ("token_mse", "fid", "loss")
 HIGHER_IS_BETTER = ("r_at_", "r@", "cosine", "clip_score")
 
 
-def _best(key: str, vals: list) -> int | None:
+def _best(key: str, vals: list) -> set[int]:
     present = [(i, v) for i, v in enumerate(vals) if isinstance(v, (int, float)) and math.isfinite(v)]
-    if len(present) < 2:
-        return None
     name = key.rsplit("/", 1)[-1]
+    if len(present) < 2 or len({v for _, v in present}) == 1:
+        return set()
     if any(t in name for t in LOWER_IS_BETTER):
-        return min(present, key=lambda iv: iv[1])[0]
-    if any(t in name for t in HIGHER_IS_BETTER):
-        return max(present, key=lambda iv: iv[1])[0]
-    return None
+        target = min(v for _, v in present)
+    elif any(t in name for t in HIGHER_IS_BETTER):
+        target = max(v for _, v in present)
+    else:
+        return set()
+    return {i for i, v in present if v == target}
 
 
 def fetch_runs(tracking_uri: str, run_ids: list[str]) -> list[dict]:
