@@ -119,20 +119,32 @@ def results_table(rows: list[dict]) -> tuple[str, str]:
 
 
 def plot_metric_vs_lr(rows: list[dict], metric: str, path: str | Path) -> Path:
-    """The metric against lr (log axis), one line per residual-module count."""
+    """The metric against lr (log axis), one line per (variant, residual-module count). Trials stopped early
+    (fewer steps than the longest) are hollow and labelled with their step: their value is not a final one.
+    The linear baseline, when the trials measured it, is a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    full = max((r.get("steps") or 0 for r in rows), default=0)
     for variant, modules in sorted({(r.get("variant") or "", r["num_modules"]) for r in rows}):
-        pts = sorted((r["lr"], r[metric]) for r in rows if r["num_modules"] == modules
+        pts = sorted((r["lr"], r[metric], r.get("steps") or 0) for r in rows if r["num_modules"] == modules
                      and (r.get("variant") or "") == variant and _finite(r.get(metric)))
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{variant + ', ' if variant else ''}{modules} RM")
+        if not pts:
+            continue
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                          label=f"{variant + ', ' if variant else ''}{modules} RM")
+        for lr, value, steps in pts:
+            if steps < full:
+                ax.plot([lr], [value], marker="o", markersize=9, markerfacecolor="white", color=line.get_color())
+                ax.annotate(f"stopped @ {steps}", (lr, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    linear = [r["val/linear_token_mse"] for r in rows if _finite(r.get("val/linear_token_mse"))]
+    if metric == "val/token_mse" and linear:
+        ax.axhline(sum(linear) / len(linear), color="gray", linestyle="--", label="linear baseline")
     ax.set(xscale="log", xlabel="learning rate", ylabel=metric, title=f"{metric} vs lr")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
