@@ -11,7 +11,6 @@ feature cache (python jobs/extract_features.py --config jobs/configs/multi30k.ya
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -27,10 +26,9 @@ CONFIG = ROOT / "jobs" / "configs" / "multi30k.yaml"
 
 
 def job():
-    spec = importlib.util.spec_from_file_location("train_mtn", ROOT / "jobs" / "train_mtn.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from mtn.config import load_job
+
+    return load_job("train_mtn")
 
 
 def config(*overrides):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,16 +36,11 @@ GEN_COLUMNS = ["guidance", "route", "images", "clip_score", "mclip_score", "fid"
 
 # ----------------------------------------------------------------------------------------------- setup
 def setup_translator(cfg: EvalConfig):
-    from mtn.translator import load_translator
-    from mtn.uris import fetch_folder
+    from mtn.translator import ensure_default_translator, load_translator
+    from mtn.uris import MLFLOW_SCHEMES, fetch_folder
 
-    default = REPO_ROOT / "outputs" / "local" / "translator"  # what `python jobs/train_mtn.py` writes
-    local = "://" not in cfg.translator and ":/" not in cfg.translator
-    if cfg.train_if_missing and local and Path(cfg.translator).resolve() == default \
-            and not (default / "translator.json").is_file():
-        print("no default translator yet: training one with `python jobs/train_mtn.py` (about 2 min) ...", flush=True)
-        if subprocess.call([sys.executable, str(REPO_ROOT / "jobs" / "train_mtn.py")], cwd=REPO_ROOT) != 0:
-            raise MTNError("the default training job failed; run `python jobs/train_mtn.py` to see why")
+    if cfg.train_if_missing and not cfg.translator.startswith(("s3://", *MLFLOW_SCHEMES)):
+        ensure_default_translator(cfg.translator)
     folder = fetch_folder(cfg.translator, "translator.json")
     return load_translator(folder, device=cfg.device, source_encoder=cfg.source_encoder)
 

@@ -15,27 +15,22 @@ fatal. Re-running the same command after the driver died resumes the sweep (Tune
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from mtn.config import REPO_ROOT, load_config
+from mtn.config import REPO_ROOT, load_config, load_job
 from mtn.errors import MTNError
 from mtn.sweep import SweepConfig, best_row, needs_own_features, plot_metric_vs_lr, results_table, search_space
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "sweep_local.yaml"
-TRAIN_JOB = REPO_ROOT / "jobs" / "train_mtn.py"
 
 
 def train_job():
     """The training driver (the one job a sweep may import)."""
-    spec = importlib.util.spec_from_file_location("train_mtn", TRAIN_JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("train_mtn")
 
 
 # ----------------------------------------------------------------------------------------------- setup

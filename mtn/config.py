@@ -243,3 +243,13 @@ def config_field_names() -> list[str]:
     return list(FIELDS)
 
 
+def load_job(name: str):
+    """A job script of jobs/ as a module (jobs are scripts, not a package): its setup_* / main for a sweep,
+    a benchmark or a test to call."""
+    import importlib.util
+
+    path = REPO_ROOT / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

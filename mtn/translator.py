@@ -153,3 +153,24 @@ def load_translator(path: str | Path, device: str | torch.device = "cpu", dtype:
                                            device=device)
     mtn = load_translation_model(path, manifest)
     return Translator(source_encoder, mtn, manifest).to(device=device, dtype=dtype)
+
+
+def ensure_default_translator(path: str | Path) -> Path:
+    """The embedded default translator (what `python jobs/train_mtn.py` writes, outputs/local/translator):
+    trained with that job first when `path` is it and it is missing. Other paths are returned as they are."""
+    import os
+    import subprocess
+    import sys
+
+    from mtn.config import REPO_ROOT
+
+    path, default = Path(path), REPO_ROOT / "outputs" / "local" / "translator"
+    if path.resolve() != default or (default / MANIFEST).is_file():
+        return path
+    print("no default translator yet: training one with `python jobs/train_mtn.py` (about 2 min) ...", flush=True)
+    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    rc = subprocess.call([sys.executable, str(REPO_ROOT / "jobs" / "train_mtn.py")], cwd=REPO_ROOT, env=env)
+    if rc != 0 or not (default / MANIFEST).is_file():
+        raise MTNError(f"the default training job failed (exit {rc}); run `python jobs/train_mtn.py` to see why")
+    return path
+

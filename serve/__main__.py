@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ def default_args(root: Path = ROOT) -> dict:
     }
 
 
-def prepare_default(args: dict, root: Path = ROOT) -> None:
+def prepare_default(args: dict) -> None:
     """Build the tiny pipeline / train the default translator when they are missing (never overwrites)."""
     pipe_dir = Path(args["pipeline"])
     if not (pipe_dir / "model_index.json").is_file():
@@ -44,13 +43,13 @@ def prepare_default(args: dict, root: Path = ROOT) -> None:
 
         print(f"building the tiny Stable Diffusion pipeline -> {pipe_dir}", flush=True)
         build_tiny_sd_pipeline().save_pretrained(pipe_dir)
-    translator = Path(args["translators"]["multi"])
-    if not (translator / "translator.json").is_file():
-        print("no default translator yet: training one with `python jobs/train_mtn.py` (about 2 min) ...", flush=True)
-        env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
-        rc = subprocess.call([sys.executable, str(root / "jobs/train_mtn.py")], cwd=root, env=env)
-        if rc != 0 or not (translator / "translator.json").is_file():
-            sys.exit(f"error: the default training job failed (exit {rc}); run `python jobs/train_mtn.py` to see why")
+    from mtn.errors import MTNError
+    from mtn.translator import ensure_default_translator
+
+    try:
+        ensure_default_translator(args["translators"]["multi"])
+    except MTNError as e:
+        sys.exit(f"error: {e}")
 
 
 def args_from_config(path: str) -> dict:

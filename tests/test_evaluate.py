@@ -1,5 +1,4 @@
 import gzip
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -17,10 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from mtn.config import load_job as load
+
+    return load("evaluate")
 
 
 # ------------------------------------------------------------------------------------------- prompt sets

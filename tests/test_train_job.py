@@ -1,6 +1,5 @@
 """The MTN training job end to end: Ray Train with 2 workers + DeepSpeed ZeRO-2, artifacts, MLflow, resume."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,10 +12,9 @@ JOB = ROOT / "jobs" / "train_mtn.py"
 
 
 def load_job():
-    spec = importlib.util.spec_from_file_location("train_mtn", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from mtn.config import load_job as load
+
+    return load("train_mtn")
 
 
 def run_job(*overrides, cwd):
