@@ -28,7 +28,14 @@ import torch
 
 from mtn.config import REPO_ROOT, load_config
 from mtn.diffusion import EMA, diffusion_loss, drop_captions, image_grid, sample_noise
-from mtn.distributed import STATE_FILE, copy_artifacts, fit, load_checkpoint, lr_factor, report
+from mtn.distributed import (
+    final_state,
+    fit,
+    load_checkpoint,
+    lr_factor,
+    print_summary,
+    report,
+)
 from mtn.errors import MTNError
 from mtn.finetune import FinetuneModule, conditioning, ensure_shards, setup_models
 from mtn.finetune_config import FinetuneConfig
@@ -325,24 +332,13 @@ def prepare(cfg: FinetuneConfig) -> FinetuneConfig:
 
 
 def publish(cfg: FinetuneConfig, result) -> dict | None:
-    if result.checkpoint is None:
-        print("error: training produced no checkpoint", file=sys.stderr)
+    state = final_state(result, cfg.output_dir, "pipeline", ("pipeline", "translator", "metrics.json"))
+    if state is None:
         return None
-    with result.checkpoint.as_directory() as d:
-        d = Path(d)
-        if not (d / "pipeline").is_dir():
-            print(f"error: the last checkpoint ({result.checkpoint.path}) holds no pipeline", file=sys.stderr)
-            return None
-        copy_artifacts(d, cfg.output_dir, ("pipeline", "translator", "metrics.json"))
-        state = json.loads((d / STATE_FILE).read_text())
     summary = {"pipeline": f"{cfg.output_dir}/pipeline", "translator": f"{cfg.output_dir}/translator",
                "checkpoint": result.checkpoint.path, "mlflow_tracking_uri": cfg.mlflow_tracking_uri,
                "mlflow_run_id": state.get("mlflow_run_id"), "steps": state["step"]}
-    final = state.get("final_metrics", {})
-    lines = ["", "== finetune_unet finished =="] + [f"  {k:28s} {v}" for k, v in summary.items()]
-    lines += [f"  {k:28s} {v:.4f}" for k, v in final.items() if isinstance(v, float)]
-    sys.stdout.write("\n".join(lines) + "\n")
-    sys.stdout.flush()
+    print_summary("finetune_unet", summary, state.get("final_metrics", {}))
     return summary
 
 

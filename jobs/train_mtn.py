@@ -29,7 +29,7 @@ from mtn.config import REPO_ROOT, TrainConfig, load_config
 from mtn.data import config_files, config_pairs
 from mtn.data.corpus import batch_indices
 from mtn.data.features import check_cache, encode_rows, expected_record, load_features, read_manifest
-from mtn.distributed import STATE_FILE, copy_artifacts, fit, load_checkpoint, report
+from mtn.distributed import final_state, fit, load_checkpoint, print_summary, report
 from mtn.encoders import load_text_encoder
 from mtn.errors import MTNError
 from mtn.losses import mtn_losses
@@ -356,28 +356,16 @@ def run(cfg: TrainConfig):
 
 def publish(cfg: TrainConfig, result) -> dict | None:
     """Copy the translator, loss curve and metrics out of the final checkpoint into output_dir; say where."""
-    if result.checkpoint is None:
-        print("error: training produced no checkpoint", file=sys.stderr)
+    state = final_state(result, cfg.output_dir, "translator", ("translator", "loss_curve.png", "metrics.json"))
+    if state is None:
         return None
-    with result.checkpoint.as_directory() as d:
-        d = Path(d)
-        if not (d / "translator").is_dir():
-            print(f"error: the last checkpoint ({result.checkpoint.path}) holds no translator; "
-                  f"was max_steps reached?", file=sys.stderr)
-            return None
-        state = json.loads((d / STATE_FILE).read_text())
-        copy_artifacts(d, cfg.output_dir, ("translator", "loss_curve.png", "metrics.json"))
     metrics = json.loads(Path(cfg.output_dir, "metrics.json").read_text()) if "://" not in cfg.output_dir else {}
     summary = {"translator": f"{cfg.output_dir}/translator", "loss_curve": f"{cfg.output_dir}/loss_curve.png",
                "metrics": f"{cfg.output_dir}/metrics.json", "checkpoint": result.checkpoint.path,
                "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_experiment": cfg.mlflow_experiment,
                "mlflow_run_id": state.get("mlflow_run_id"), "steps": state["step"]}
-    lines = ["", "== train_mtn finished =="] + [f"  {k:26s} {v}" for k, v in summary.items()]
-    lines += [f"  {k:26s} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")]
-    lines += [f"  browse runs with:    mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}", ""]
-    # sys.stdout, not print: Ray's progress-bar manager patches print() to redraw bars around each line
-    sys.stdout.write("\n".join(lines))
-    sys.stdout.flush()
+    print_summary("train_mtn", summary, {k: v for k, v in metrics.items() if k.startswith("val/")},
+                  (f"  browse runs with:    mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}",))
     return summary
 
 

@@ -68,6 +68,34 @@ def copy_artifacts(checkpoint_dir: Path, output_dir: str, names: tuple[str, ...]
             shutil.copy2(src, Path(root) / name)
 
 
+def final_state(result, output_dir: str, required: str, names: tuple[str, ...]) -> dict | None:
+    """A finished run's final checkpoint: copy `names` out of it into output_dir and return its train state;
+    None (the reason printed) when there is no checkpoint or it lacks `required` (training stopped early)."""
+    import sys
+
+    if result.checkpoint is None:
+        print("error: training produced no checkpoint", file=sys.stderr)
+        return None
+    with result.checkpoint.as_directory() as d:
+        d = Path(d)
+        if not (d / required).is_dir():
+            print(f"error: the last checkpoint ({result.checkpoint.path}) holds no {required}; was max_steps reached?",
+                  file=sys.stderr)
+            return None
+        copy_artifacts(d, output_dir, names)
+        return json.loads((d / STATE_FILE).read_text())
+
+
+def print_summary(job: str, summary: dict, metrics: dict, footer: tuple[str, ...] = ()) -> None:
+    lines = ["", f"== {job} finished =="] + [f"  {k:28s} {v}" for k, v in summary.items()]
+    lines += [f"  {k:28s} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)] + list(footer)
+    # sys.stdout, not print: Ray's progress-bar manager patches print() to redraw bars around each line
+    import sys
+
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
 def lr_factor(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float = 0.01) -> Callable[[int], float]:
     """Multiplier of each param group's own lr at a step: linear warmup, then constant or cosine to min_ratio."""
     warmup = max(warmup_steps, 1)
