@@ -253,3 +253,13 @@ def load_job(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def comma_list(text, cast=str) -> list:
+    """"3,5" -> [3, 5] with cast=int; blanks dropped; a value cast refuses is a config error, not a traceback."""
+    try:
+        return [cast(x.strip()) for x in str(text or "").split(",") if x.strip()]
+    except ValueError:
+        kind = {int: "integers", float: "numbers"}.get(cast, "values")
+        raise MTNError(f"config: {text!r} is not a comma list of {kind}") from None
+

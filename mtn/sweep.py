@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtn.config import comma_list
 from mtn.errors import MTNError
 
 
@@ -49,24 +50,10 @@ class SweepConfig:
                   (self.mode in ("max", "min"), f"mode must be max|min, got {self.mode!r}"),
                   (self.num_samples >= 1 and self.reduction_factor >= 2 and self.grace_period >= 1,
                    "num_samples >= 1, reduction_factor >= 2, grace_period >= 1"),
-                  (bool(self.int_list(self.num_modules)), "num_modules needs at least one value")]
+                  (bool(comma_list(self.num_modules, int)), "num_modules needs at least one value")]
         for ok, msg in checks:
             if not ok:
                 raise MTNError(f"config: {msg}")
-
-    @staticmethod
-    def int_list(text: str) -> list[int]:
-        try:
-            return [int(x) for x in str(text).split(",") if x.strip()]
-        except ValueError:
-            raise MTNError(f"config: {text!r} is not a comma list of integers") from None
-
-    @staticmethod
-    def float_list(text: str) -> list[float]:
-        try:
-            return [float(x) for x in str(text).split(",") if x.strip()]
-        except ValueError:
-            raise MTNError(f"config: {text!r} is not a comma list of numbers") from None
 
     def variant_map(self) -> dict[str, list[str]]:
         """variants -> {name: [key=value, ...]}; {"": []} when there are none."""
@@ -97,9 +84,9 @@ def search_space(cfg: SweepConfig) -> dict:
     from ray import tune
 
     lr = cfg.lr_min if cfg.lr_min == cfg.lr_max else tune.loguniform(cfg.lr_min, cfg.lr_max)  # lr_min == lr_max: fixed
-    space = {"lr": lr, "num_modules": tune.grid_search(cfg.int_list(cfg.num_modules))}
-    for key, values in (("hidden_dim", cfg.int_list(cfg.hidden_dims)), ("loss_rec", cfg.float_list(cfg.loss_rec)),
-                        ("loss_adv", cfg.float_list(cfg.loss_adv))):
+    space = {"lr": lr, "num_modules": tune.grid_search(comma_list(cfg.num_modules, int))}
+    for key, values in (("hidden_dim", comma_list(cfg.hidden_dims, int)), ("loss_rec", comma_list(cfg.loss_rec, float)),
+                        ("loss_adv", comma_list(cfg.loss_adv, float))):
         if values:
             space[key] = tune.grid_search(values)
     if list(cfg.variant_map()) != [""]:

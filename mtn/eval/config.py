@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mtn.config import REPO_ROOT
+from mtn.config import REPO_ROOT, comma_list
 from mtn.errors import MTNError
 
 TINY_PIPELINE = "tiny:sd"  # mtn.pipeline.build_tiny_sd_pipeline: the UNet whose text encoder is tiny:clip
@@ -64,14 +64,11 @@ class EvalConfig:
 
     @property
     def language_list(self) -> list[str]:
-        return [x.strip() for x in self.languages.split(",") if x.strip()]
+        return comma_list(self.languages)
 
     @property
     def guidance_list(self) -> list[float]:
-        try:
-            return [float(x) for x in str(self.guidance_scales).split(",") if x.strip()]
-        except ValueError:
-            raise MTNError(f"config: guidance_scales {self.guidance_scales!r} is not a comma list of numbers") from None
+        return comma_list(self.guidance_scales, float)
 
     def for_lang(self, template: str | None, lang: str) -> str | None:
         return None if template is None else template.replace("{lang}", lang)
