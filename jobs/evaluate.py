@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -36,12 +37,16 @@ GEN_COLUMNS = ["guidance", "route", "images", "clip_score", "mclip_score", "fid"
 
 # ----------------------------------------------------------------------------------------------- setup
 def setup_translator(cfg: EvalConfig):
-    from mtn.translator import ensure_default_translator, load_translator
+    from mtn.translator import ensure_default_translator, load_translation_model, load_translator, read_manifest
     from mtn.uris import MLFLOW_SCHEMES, fetch_folder
 
     if cfg.train_if_missing and not cfg.translator.startswith(("s3://", *MLFLOW_SCHEMES)):
         ensure_default_translator(cfg.translator)
     folder = fetch_folder(cfg.translator, "translator.json")
+    if cfg.align_feature_cache and not cfg.pipeline:
+        # the caches hold the source LM's outputs and nothing generates: skip loading the LM (T5-3B: minutes, GBs)
+        return SimpleNamespace(mtn=load_translation_model(folder), manifest=read_manifest(folder),
+                               source_encoder=None)
     return load_translator(folder, device=cfg.device, source_encoder=cfg.source_encoder)
 
 
