@@ -35,17 +35,20 @@ TEST_SETS = {"de": ["test_2016_flickr", "test_2017_flickr"], "fr": ["test_2016_f
 LANGS = ["de", "fr", "cs"]
 MTN = ["linear_skip=true", "hidden_dim=192", "max_steps=400", "batch_size=32", "lr=1e-3", "warmup_steps=30"]
 ABLATION = ["hidden_dim=192", "max_steps=150", "batch_size=32", "lr=1e-3", "compare_linear=false"]
+OLD = ["block_layout=gluegen", "standardize=false", "decoder_modules=null", "loss_rec=0", "precision=fp32",
+       "language_mix=interleave", "max_train_samples=15000", "lr_min_ratio=0.01"]  # the recipe before issue 12
 ROWS = {
     "linear": ["method=linear"],
     "pooled-linear": ["method=pooled_linear"],
-    "mtn-3rm": ["mtn_size=mtn-3rm", "max_steps=600", "batch_size=32", "lr=1e-3", "warmup_steps=30"],
-    "mtn-3rm-skip": ["mtn_size=mtn-3rm", *MTN],
-    "mtn-5rm-skip": ["mtn_size=mtn-5rm", *MTN],
-    # the paper's loss ablation (Table 3), on alignment metrics; shorter runs, same budget for each
-    "abl-mse": [*ABLATION],
-    "abl-mse+rec": [*ABLATION, "loss_rec=0.1"],
-    "abl-mse+rec+adv": [*ABLATION, "loss_rec=0.1", "loss_adv=0.01"],
-    "abl-mse+rec+adv+cycle": [*ABLATION, "loss_rec=0.1", "loss_adv=0.01", "loss_cycle=0.1"],
+    "mtn": [],  # jobs/configs/multi30k.yaml as it is: the recipe
+    # rows measured before issue 12 (bench/results/multi30k.jsonl keeps them; `table` shows them on request)
+    "mtn-3rm": [*OLD, "mtn_size=mtn-3rm", "max_steps=600", "batch_size=32", "lr=1e-3", "warmup_steps=30"],
+    "mtn-3rm-skip": [*OLD, "mtn_size=mtn-3rm", *MTN],
+    "mtn-5rm-skip": [*OLD, "mtn_size=mtn-5rm", *MTN],
+    "abl-mse": [*OLD, *ABLATION],
+    "abl-mse+rec": [*OLD, *ABLATION, "loss_rec=0.1"],
+    "abl-mse+rec+adv": [*OLD, *ABLATION, "loss_rec=0.1", "loss_adv=0.01"],
+    "abl-mse+rec+adv+cycle": [*OLD, *ABLATION, "loss_rec=0.1", "loss_adv=0.01", "loss_cycle=0.1"],
 }
 
 
@@ -81,6 +84,13 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, no GPU"
 
 
+def cpu_capability() -> str:
+    """torch's capability plus whether bf16 runs natively (the dtype `precision: auto` picks follows it)."""
+    from mtn.precision import bf16_is_fast
+
+    return f"{torch.backends.cpu.get_cpu_capability()}{', native bf16' if bf16_is_fast('cpu') else ', no fast bf16'}"
+
+
 def score(translator: Path, lang: str) -> dict:
     """The translator's model on each cached test set of `lang` (no encoders: the cache holds their outputs)."""
     from mtn.baselines import predict
@@ -103,9 +113,13 @@ def score(translator: Path, lang: str) -> dict:
 
 
 def run(row: str, lang: str, extra: list[str]) -> None:
-    out_dir = f"outputs/bench/{lang}-{row}"
-    args = [f"source_lang={lang}", f"output_dir={out_dir}", f"name=bench-{lang}-{row}-{int(time.time())}",
-            *ROWS[row], *extra]
+    run_row(row, lang, ROWS[row], extra)
+
+
+def run_row(row: str, lang: str, overrides: list[str], extra: list[str]) -> None:
+    out_dir = f"outputs/bench/{lang}-{row.replace('/', '-')}"
+    args = [f"source_lang={lang}", f"output_dir={out_dir}", f"name=bench-{lang}-{row.replace('/', '-')}-{int(time.time())}",
+            *overrides, *extra]
     cmd, wall = py("jobs/train_mtn.py", *args)
     metrics = json.loads((ROOT / out_dir / "metrics.json").read_text())
     for lg in LANGS if lang == "all" else [lang]:
@@ -113,6 +127,7 @@ def run(row: str, lang: str, extra: list[str]) -> None:
             rec = {"row": row, "extra": extra, "train_lang": lang, "lang": lg, "test_set": ts, **m, "train_wall_s": round(wall, 1),
                    "val": {k: v for k, v in metrics.items() if k.startswith("val/")},
                    "command": shlex.join(["python", *cmd[1:]]), "machine": machine(),
+                   "cpu_capability": cpu_capability(), "perf": {k: v for k, v in metrics.items() if "perf/" in k},
                    "date": time.strftime("%Y-%m-%d %H:%M")}
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             with RESULTS.open("a") as f:
@@ -121,23 +136,74 @@ def run(row: str, lang: str, extra: list[str]) -> None:
                   f"  R@1 {m['r@1']:.3f}  R@5 {m['r@5']:.3f}  ({wall:.0f} s)")
 
 
-def table() -> str:
-    """Latest result per (row, train_lang, lang, test_set) as a markdown table, with the MTN's margins."""
+def ablation(path: str) -> None:
+    """Every (num_modules, variant) trial of a sweep-style ablation config (jobs/configs/ablations/*.yaml) trained
+    to the end through jobs/train_mtn.py and scored on the test sets: rows named `<config stem>/<variant>`."""
+    from mtn.config import comma_list, load_config
+    from mtn.sweep import SweepConfig
+
+    cfg = load_config(ROOT / path, cls=SweepConfig)
+    if Path(cfg.base_config) != Path(CONFIG):
+        sys.exit(f"{path}: the bench scores ablations of {CONFIG}, not {cfg.base_config}")
+    if cfg.lr_min != cfg.lr_max:
+        sys.exit(f"{path}: an ablation runs at one lr (lr_min == lr_max); this one is a search, run it with "
+                 "jobs/sweep_mtn.py")
+    stem = Path(path).stem
+    for modules in comma_list(cfg.num_modules, int):
+        for variant, overrides in cfg.variant_map().items():
+            args = [*cfg.base_overrides.split(), f"lr={cfg.lr_min}", f"num_modules={modules}", *overrides]
+            lang = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("source_lang=")), "all")
+            py("jobs/extract_features.py", *args)  # a variant's own corpus/encoders get their cache (else a no-op)
+            name = f"{stem}/{variant or 'base'}" + (f"-{modules}" if len(comma_list(cfg.num_modules, int)) > 1 else "")
+            run_row(name, lang, args, [])
+
+
+def latest_results() -> dict:
     latest = {}
     for line in RESULTS.read_text().splitlines():
         r = json.loads(line)
         latest[(r["row"] + "".join(f" {x}" for x in r.get("extra", [])), r["train_lang"], r["lang"], r["test_set"])] = r
-    head = ("| lang | test set | row (trained on) | token MSE | vs linear | pooled cos | R@1 | R@5 | train wall |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    return latest
+
+
+def table(rows: list[str] | None = None, train_lang: str | None = None) -> str:
+    """Latest result per (row, train_lang, lang, test_set) as a markdown table; `vs linear` is the token MSE
+    against the linear map fitted on the same training pairs (same train_lang)."""
+    latest = latest_results()
+    head = ("| lang | test set | row (trained on) | token MSE | vs linear | pooled cos | R@1 | R@5 | train wall | CPU |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     order = {name: i for i, name in enumerate(ROWS)}
     for (row, tl, lg, ts), r in sorted(latest.items(), key=lambda kv: (kv[0][2], kv[0][3],
-                                                                      order[kv[0][0].split()[0]], kv[0])):
-        lin = latest.get(("linear", lg, lg, ts))
+                                                                      order.get(kv[0][0].split()[0], len(order)),
+                                                                      kv[0])):
+        name = row.split()[0]
+        if (rows and not any(name == x or name.startswith(f"{x}/") for x in rows)) \
+                or (train_lang and tl != train_lang and "/" not in name):
+            continue
+        lin = latest.get(("linear", tl, lg, ts))
         delta = f"{100 * (r['token_mse'] / lin['token_mse'] - 1):+.1f}%" if lin else ""
         lines.append(f"| {lg} | {ts} | {row} ({tl}) | {r['token_mse']:.4f} | {delta} | {r['pooled_cosine']:.4f} | "
-                     f"{r['r@1']:.3f} | {r['r@5']:.3f} | {r['train_wall_s']:.0f} s |")
+                     f"{r['r@1']:.3f} | {r['r@5']:.3f} | {r['train_wall_s']:.0f} s | {r.get('cpu_capability', '')} |")
     return "\n".join(lines)
+
+
+def verdict(row: str = "mtn", train_lang: str = "all") -> str:
+    """The issue-12 bar for `row`: token MSE >= 10% below the linear map, pooled cosine above the linear and the
+    pooled-linear maps, R@1 at least as high as both; one line per test set."""
+    latest = latest_results()
+    out = []
+    for (name, tl, lg, ts), r in sorted(latest.items()):
+        lin, pool = latest.get(("linear", tl, lg, ts)), latest.get(("pooled-linear", tl, lg, ts))
+        if name != row or tl != train_lang or not (lin and pool):
+            continue
+        mse = 100 * (1 - r["token_mse"] / lin["token_mse"])
+        cos = r["pooled_cosine"] - max(lin["pooled_cosine"], pool["pooled_cosine"])
+        r1 = r["r@1"] - max(lin["r@1"], pool["r@1"])
+        ok = mse >= 10 and cos > 0 and r1 >= 0
+        out.append(f"{lg} {ts}: token MSE {mse:+.1f}% below linear (bar 10%), pooled cos {cos:+.4f} over the best "
+                   f"baseline, R@1 {r1:+.3f} over the best baseline -> {'PASS' if ok else 'FAIL'}")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -151,15 +217,25 @@ def main(argv=None) -> int:
     for sp in (e, r):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override (repeatable)")
-    sub.add_parser("table")
+    a = sub.add_parser("ablation")
+    a.add_argument("config", help="a sweep-style ablation config, e.g. jobs/configs/ablations/standardize.yaml")
+    t = sub.add_parser("table")
+    t.add_argument("rows", nargs="*", help="only these rows (default: all)")
+    t.add_argument("--train-lang", default=None, help="only rows trained on this language (all | de | fr | cs)")
+    v = sub.add_parser("verdict")
+    v.add_argument("--row", default="mtn")
     args = p.parse_args(argv)
     if args.cmd == "extract":
         extract(args.lang, args.overrides)
     elif args.cmd == "run":
         for row in args.rows:
             run(row, args.lang, args.overrides)
+    elif args.cmd == "ablation":
+        ablation(args.config)
+    elif args.cmd == "table":
+        print(table(args.rows, args.train_lang))
     else:
-        print(table())
+        print(verdict(args.row))
     return 0
 
 

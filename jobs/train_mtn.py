@@ -33,8 +33,9 @@ from mtn.distributed import final_state, fit, load_checkpoint, print_summary, re
 from mtn.encoders import load_text_encoder
 from mtn.errors import MTNError
 from mtn.losses import mtn_losses
-from mtn.metrics import alignment_metrics
+from mtn.metrics import alignment_metrics, target_ids
 from mtn.model import ModelTranslationNetwork, TokenDiscriminator
+from mtn.precision import input_dtype, resolve_precision
 from mtn.tracking import MLflowTracker, save_loss_curve
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
@@ -69,12 +70,16 @@ def setup_features(cfg: TrainConfig, device):
         manifest = read_manifest(cfg.feature_cache)  # the driver already checked it against this config
         train = load_features(cfg.feature_cache, manifest)
         val = load_features(cfg.val_feature_cache) if cfg.val_feature_cache and cfg.max_val_samples else None
+        if val is not None:  # the cache was checked against these pairs: row i is val pair i
+            val["target_id"] = target_ids(config_pairs(cfg)[1])  # R@k over distinct targets (one per language)
         specs = {side: {**manifest[side], "hidden_size": manifest[f"{side.split('_')[0]}_dim"]}
                  for side in ("source_encoder", "target_encoder")}
         return train, val, None, specs
     source, target = setup_encoders(cfg, device)
     train_pairs, val_pairs = config_pairs(cfg)
     val = encode_rows(source, target, val_pairs) if val_pairs else None
+    if val is not None:
+        val["target_id"] = target_ids(val_pairs)
     return train_pairs, val, (source, target), {"source_encoder": source.spec(), "target_encoder": target.spec()}
 
 
@@ -82,7 +87,8 @@ def build_mtn(cfg: TrainConfig, source_dim: int, target_dim: int) -> ModelTransl
     dims = dict(source_dim=source_dim, target_dim=target_dim, source_len=cfg.source_max_length,
                 target_len=cfg.target_max_length, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,
                 with_decoder=bool(cfg.loss_rec or cfg.loss_cycle), target_stats=cfg.target_stats,
-                linear_skip=cfg.linear_skip)
+                linear_skip=cfg.linear_skip, block_layout=cfg.block_layout, decoder_modules=cfg.decoder_modules,
+                standardize=cfg.standardize)
     if cfg.num_modules is not None:
         return ModelTranslationNetwork(num_modules=cfg.num_modules, **dims)
     return ModelTranslationNetwork.from_named_size(cfg.mtn_size, **dims)
@@ -102,18 +108,21 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "scheduler": lr_scheduler(cfg),
         "zero_optimization": zero,
+        # DeepSpeed's low-precision weights only for bf16/fp16; amp-bf16 keeps fp32 weights and optimizer and runs the
+        # forward under torch.autocast, entered by the engine itself (an autocast around engine() is switched off)
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16"},
+        "torch_autocast": {"enabled": cfg.precision == "amp-bf16", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
     }
 
 
 def lr_scheduler(cfg: TrainConfig) -> dict:
-    """Linear warmup, then constant or cosine decay to 1% of lr at max_steps (DeepSpeed's own schedulers)."""
+    """Linear warmup, then constant or cosine decay to lr * lr_min_ratio at max_steps (DeepSpeed's own schedulers)."""
     warmup = max(cfg.warmup_steps, 1)
     if cfg.lr_schedule == "cosine":
         return {"type": "WarmupCosineLR", "params": {"total_num_steps": cfg.max_steps, "warmup_num_steps": warmup,
-                                                     "warmup_type": "linear", "cos_min_ratio": 0.01}}
+                                                     "warmup_type": "linear", "cos_min_ratio": cfg.lr_min_ratio}}
     return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
                                            "warmup_num_steps": warmup, "warmup_type": "linear"}}
 
@@ -124,7 +133,9 @@ def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     mtn = build_mtn(cfg, source_dim, target_dim)
-    if cfg.target_stats:  # same rows on every rank -> same statistics (a resumed run loads them back anyway)
+    if cfg.standardize:  # same rows on every rank -> same statistics (a resumed run loads them back anyway)
+        mtn.set_feature_stats(stats_rows())
+    if cfg.target_stats:
         mtn.set_target_stats(stats_rows()["target"][: cfg.baseline_samples],
                              stats_rows()["target_mask"][: cfg.baseline_samples] if cfg.mse_on_mask else None)
     if cfg.linear_skip:  # deterministic closed form: every rank fits the same map
@@ -160,7 +171,8 @@ def validate(engine, val, dtype, batch_size: int = 128) -> dict:
     preds = [engine.module.mtn.encode(src[i:i + batch_size].to(dev, dtype), src_m[i:i + batch_size].to(dev)).float().cpu()
              for i in range(0, len(src), batch_size)]
     engine.module.train()
-    return {f"val/{k}": v for k, v in alignment_metrics(torch.cat(preds), val["target"], val["target_mask"]).items()}
+    return {f"val/{k}": v for k, v in alignment_metrics(torch.cat(preds), val["target"], val["target_mask"],
+                                                       target_ids=val.get("target_id")).items()}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -225,6 +237,8 @@ def train_loop_per_worker(config: dict):
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    auto = cfg.precision == "auto"
+    cfg.precision = resolve_precision(cfg.precision, device.type)  # auto: bf16 autocast only where bf16 is native
     train, val, encoders, specs = setup_features(cfg, device)
     if cfg.method != "mtn":
         return baseline_per_worker(cfg, train, val, encoders, specs, rank)
@@ -233,8 +247,11 @@ def train_loop_per_worker(config: dict):
     linear_fit = functools.cache(lambda: fit_baseline(cfg, "linear", rows(), None)[0])
     engine = setup_engine(cfg, specs["source_encoder"]["hidden_size"], specs["target_encoder"]["hidden_size"],
                           per_worker, rows, linear_fit)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    dtype = input_dtype(cfg.precision)
     state = load_checkpoint(engine, {"step": 0, "history": [], "mlflow_run_id": None})
+    if rank == 0:
+        print(f"precision: {cfg.precision}{' (auto)' if auto else ''} on {device.type}"
+              f"{', ' + torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else ''})")
     if rank == 0 and state["step"]:
         print(f"resuming from the checkpoint at step {state['step']} (same name + storage_path); "
               f"give another name=... for a fresh run")
@@ -278,7 +295,8 @@ def train_loop_per_worker(config: dict):
                 tracker.log_metrics({k: v for k, v in metrics.items() if "linear" in k or "margin" in k}, step)
             if timed_from:
                 sps = (step - timed_from[0]) / (time.perf_counter() - timed_from[1])
-                metrics.update({"perf/steps_per_s": sps, "perf/samples_per_s": sps * cfg.batch_size})
+                metrics.update({"perf/steps_per_s": sps, "perf/samples_per_s": sps * cfg.batch_size,
+                                "perf/bf16_autocast": float(cfg.precision == "amp-bf16")})
             state["final_metrics"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
 
             report(engine, state, metrics, rank, functools.partial(

@@ -168,7 +168,7 @@ def fit_baseline(cfg, method: str, rows: dict, val: dict | None):
     else:
         model = fit_pooled_linear(rows, cfg.ridge_alpha)
     metrics = {} if val is None else {f"val/{k}": v for k, v in alignment_metrics(
-        predict(model, val), val["target"], val["target_mask"]).items()}
+        predict(model, val), val["target"], val["target_mask"], target_ids=val.get("target_id")).items()}
     return model, metrics
 
 
@@ -179,7 +179,7 @@ def linear_margin(linear_fit, val: dict | None, metrics: dict) -> dict:
     if val is None or "val/token_mse" not in metrics:
         return {}
     lin = {f"val/{k}": v for k, v in alignment_metrics(predict(linear_fit(), val), val["target"],
-                                                       val["target_mask"]).items()}
+                                                       val["target_mask"], target_ids=val.get("target_id")).items()}
     out = {f"val/linear_{k.removeprefix('val/')}": v for k, v in lin.items()}
     out["val/margin_token_mse_pct"] = 100.0 * (1.0 - metrics["val/token_mse"] / lin["val/token_mse"])
     out["val/margin_pooled_cosine"] = metrics["val/pooled_cosine"] - lin["val/pooled_cosine"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from mtn.errors import MTNError
+from mtn.precision import PRECISIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,8 @@ class TrainConfig:
     max_train_samples: int | None = None
     source_lang: str = ""  # used by path templates ({source_lang}); "all" = every language in `languages`
     languages: str = ""  # comma list that source_lang=all stands for: *_file paths become one file per language
+    language_mix: str = "interleave"  # source_lang=all training pairs: interleave (each caption in every language)
+    #                                   | rotate (caption i in language i mod k: each caption once); val: always all
     # --- feature cache (jobs/extract_features.py writes it; train_mtn reads it and then never loads the encoders)
     feature_cache: str | None = None  # features of the training pairs: local folder or s3://
     val_feature_cache: str | None = None  # features of the val pairs (val_*_file, or the val split)
@@ -71,6 +74,9 @@ class TrainConfig:
     num_modules: int | None = None  # overrides the named size
     hidden_dim: int | None = None
     dropout: float = 0.0
+    block_layout: str = "gluegen"  # gluegen (the paper's residual modules) | mixer (pre-LN mixer blocks; mtn/model.py)
+    decoder_modules: int | None = None  # N's modules/blocks (default: as M)
+    standardize: bool = False  # per-channel source/target standardisation; losses in standardised units
     target_stats: bool = False  # M outputs shift + scale * body with per-position target statistics
     linear_skip: bool = False  # M = ridge-fitted linear map + gated mixer body (starts at the linear baseline)
     disc_hidden_dim: int = 256
@@ -85,6 +91,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine (after linear warmup)
+    lr_min_ratio: float = 0.01  # cosine ends at lr * lr_min_ratio
     grad_clip: float = 1.0
     batch_size: int = 32
     max_steps: int = 200
@@ -100,7 +107,7 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     zero_stage: int = 0  # 0-3
     offload_optimizer: bool = False
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # auto | fp32 | amp-bf16 | bf16 | fp16 (mtn/precision.py; auto: bf16 autocast where native)
     max_failures: int = 0
     storage_path: str = "{output_dir}/ray_results"  # local path or s3://
     ray_address: str | None = None  # None: $RAY_ADDRESS or a local cluster
@@ -112,7 +119,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}"),
-            (self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}"),
             (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant|cosine, got {self.lr_schedule!r}"),
             (self.num_workers >= 1, "num_workers must be >= 1"),
             (self.batch_size >= self.num_workers, f"batch_size ({self.batch_size}) is global and must be >= "
@@ -122,6 +129,10 @@ class TrainConfig:
              "val_every, checkpoint_every and log_every must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
             (self.lr > 0, "lr must be > 0"),
+            (0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio must be in [0, 1]"),
+            (self.block_layout in ("gluegen", "mixer"), f"block_layout must be gluegen|mixer, got {self.block_layout!r}"),
+            (self.language_mix in ("interleave", "rotate"),
+             f"language_mix must be interleave|rotate, got {self.language_mix!r}"),
             (self.method in ("mtn", "linear", "pooled_linear"),
              f"method must be mtn|linear|pooled_linear, got {self.method!r}"),
             (self.feature_dtype in ("float16", "bfloat16"), f"feature_dtype must be float16|bfloat16, "

@@ -84,20 +84,27 @@ def adversarial_loss(discriminator, translated, target, target_mask=None):
 def mtn_losses(mtn, discriminator, source, source_mask, target, target_mask, weights, mse_on_mask=False):
     """All enabled terms for one batch. Returns (total, {name: detached value}).
 
-    source [B, S_s, d_s], source_mask [B, S_s], target [B, S_t, d_t], target_mask [B, S_t].
+    source [B, S_s, d_s], source_mask [B, S_s], target [B, S_t, d_t], target_mask [B, S_t], in raw units. An MTN
+    built with standardize=True is trained (and its terms reported) in standardised units.
     """
-    translated = mtn.encode(source, source_mask)  # [B, S_t, d_t]
+    if getattr(mtn.config, "standardize", False):
+        # every term in standardised units: no channel weighs in the MSE by its raw scale alone
+        source, target = mtn.normalize(source, "source"), mtn.normalize(target, "target")  # [B, S_s, d_s], [B, S_t, d_t]
+        encode, decode = mtn.encoder, mtn.decoder  # the bodies: standardised in, standardised out
+    else:
+        encode, decode = mtn.encode, mtn.decode
+    translated = encode(source, source_mask)  # [B, S_t, d_t]
     terms = {}
     if weights.get("mse", 0):
         terms["mse"] = mse_loss(translated, target, target_mask if mse_on_mask else None)
     if weights.get("adv", 0):
         terms["adv"] = adversarial_loss(discriminator, translated, target, target_mask)
     if weights.get("rec", 0) or weights.get("cycle", 0):
-        reconstructed = mtn.decode(translated)  # [B, S_s, d_s]
+        reconstructed = decode(translated)  # [B, S_s, d_s]: N fed M's prediction, not the true target
         if weights.get("rec", 0):
             terms["rec"] = reconstruction_loss(reconstructed, source, source_mask)
         if weights.get("cycle", 0):
-            terms["cycle"] = cycle_loss(mtn.encode(reconstructed, source_mask), translated)
+            terms["cycle"] = cycle_loss(encode(reconstructed, source_mask), translated)
     if not terms:
         raise ValueError("all loss weights are 0: nothing to train")
     total = sum(weights[k] * v for k, v in terms.items())

@@ -12,6 +12,13 @@ output module (the paper's text does not say how the output map is counted). The
 projection (S_s*S_t weights) and the d_s -> d_h input projection (absent when d_h == d_s, the default)
 are our additions for encoders whose length/width differ from the target; they add < 0.1M at 77 -> 77.
 `tests/test_model.py::test_param_counts_at_paper_dims` prints the counts.
+
+`block_layout="mixer"` (the recipe of jobs/configs/multi30k.yaml) replaces that body by standard pre-LN MLP-mixer
+blocks (LayerNorm over channels -> token mixing over the S_t positions; LayerNorm -> channel mixing; each residual)
+and a final LayerNorm + linear output map; `num_modules` then counts blocks. With `standardize=True` the model holds
+per-channel mean/std of source and target features (buffers set from training data by `set_feature_stats`): its
+body works in standardised units, `encode`/`decode` take and return raw units, and the training losses
+(mtn/losses.py) compare standardised features, so that no channel dominates the MSE by its scale alone.
 """
 
 from __future__ import annotations
@@ -90,6 +97,56 @@ class MixerTranslator(nn.Module):
         return self.out(x)  # [B, S_out, d_out]
 
 
+class MixerBlock(nn.Module):
+    """Pre-LN MLP-mixer block on [B, S, d]: token mixing across the S positions, then channel mixing, each residual
+    (LayerNorm over channels in both, as in Tolstikhin et al. 2021)."""
+
+    def __init__(self, seq_len: int, dim: int, mult: int = 2, dropout: float = 0.0):
+        super().__init__()
+        self.token_norm = nn.LayerNorm(dim)
+        self.token_fc1 = nn.Linear(seq_len, seq_len * mult)
+        self.token_fc2 = nn.Linear(seq_len * mult, seq_len)
+        self.channel_norm = nn.LayerNorm(dim)
+        self.channel_fc1 = nn.Linear(dim, dim * mult)
+        self.channel_fc2 = nn.Linear(dim * mult, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, d]
+        y = self.token_norm(x).transpose(1, 2)  # [B, d, S]
+        y = self.token_fc2(self.drop(nn.functional.gelu(self.token_fc1(y))))  # [B, d, S]
+        x = x + y.transpose(1, 2)  # [B, S, d]
+        y = self.channel_fc2(self.drop(nn.functional.gelu(self.channel_fc1(self.channel_norm(x)))))  # [B, S, d]
+        return x + y
+
+
+class MixerStack(nn.Module):
+    """[B, S_in, d_in] (+ mask) -> [B, S_out, d_out]: input proj, sequence proj, K mixer blocks, LayerNorm, linear."""
+
+    def __init__(self, in_dim, in_len, out_dim, out_len, num_blocks, hidden_dim=None, mult=2, dropout=0.0):
+        super().__init__()
+        hidden_dim = hidden_dim or in_dim
+        self.in_proj = nn.Linear(in_dim, hidden_dim)
+        self.seq_proj = nn.Linear(in_len, out_len)  # copy position i -> i at init, as in MixerTranslator
+        with torch.no_grad():
+            self.seq_proj.weight.copy_(torch.eye(out_len, in_len))
+            self.seq_proj.bias.zero_()
+        self.blocks = nn.ModuleList([MixerBlock(out_len, hidden_dim, mult, dropout) for _ in range(num_blocks)])
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.out = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.in_proj(x)  # [B, S_in, d_h]
+        if mask is not None:
+            x = x * mask.to(x.dtype).unsqueeze(-1)  # padded positions (and in_proj's bias there) carry nothing
+        x = self.seq_proj(x.transpose(1, 2)).transpose(1, 2)  # [B, S_out, d_h]
+        for block in self.blocks:
+            x = block(x)  # [B, S_out, d_h]
+        return self.out(self.norm(x))  # [B, S_out, d_out]
+
+
+LAYOUTS = {"gluegen": MixerTranslator, "mixer": MixerStack}
+
+
 class ModelTranslationNetwork(ModelMixin, ConfigMixin):
     """MTN: `encode` (M, source -> target space) and `decode` (N, target -> source space).
 
@@ -107,6 +164,10 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
             (set from a ridge fit by `init_linear_skip`; jobs/train_mtn.py keeps it fixed) and G a
             zero-initialised linear layer: M starts exactly at the closed-form baseline, and training learns the
             residual a linear map cannot explain.
+        block_layout: "gluegen" (residual modules as in the released GlueGen translator; the default, so folders
+            saved before this option load unchanged) or "mixer" (pre-LN mixer blocks + final LayerNorm + linear).
+        decoder_modules: modules/blocks of N (default num_modules); the decoder only regularises M in training.
+        standardize: per-channel standardisation of source and target (see the module docstring).
     """
 
     @register_to_config
@@ -124,16 +185,31 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
         with_decoder: bool = True,
         target_stats: bool = False,
         linear_skip: bool = False,
+        block_layout: str = "gluegen",
+        decoder_modules: int | None = None,
+        standardize: bool = False,
     ):
         super().__init__()
+        decoder_modules = num_modules if decoder_modules is None else decoder_modules
         for name, v in dict(source_dim=source_dim, target_dim=target_dim, source_len=source_len,
-                            target_len=target_len, num_modules=num_modules, mult=mult).items():
-            if not isinstance(v, int) or v < (0 if name == "num_modules" else 1):
+                            target_len=target_len, num_modules=num_modules, mult=mult,
+                            decoder_modules=decoder_modules).items():
+            if not isinstance(v, int) or v < (0 if name.endswith("modules") else 1):
                 raise MTNError(f"ModelTranslationNetwork: {name} must be a positive integer, got {v!r}")
-        self.encoder = MixerTranslator(source_dim, source_len, target_dim, target_len, num_modules,
-                                       hidden_dim, mult, dropout)
-        self.decoder = (MixerTranslator(target_dim, target_len, source_dim, source_len, num_modules,
-                                        decoder_hidden_dim, mult, dropout) if with_decoder else None)
+        if block_layout not in LAYOUTS:
+            raise MTNError(f"ModelTranslationNetwork: block_layout must be one of {sorted(LAYOUTS)}, "
+                           f"got {block_layout!r}")
+        if standardize and (target_stats or linear_skip):
+            raise MTNError("ModelTranslationNetwork: standardize replaces target_stats and linear_skip; "
+                           "turn those off")
+        stack = LAYOUTS[block_layout]
+        self.encoder = stack(source_dim, source_len, target_dim, target_len, num_modules, hidden_dim, mult, dropout)
+        self.decoder = (stack(target_dim, target_len, source_dim, source_len, decoder_modules, decoder_hidden_dim,
+                              mult, dropout) if with_decoder else None)
+        if standardize:  # identity until set_feature_stats; saved with the weights
+            for side, dim in (("source", source_dim), ("target", target_dim)):
+                self.register_buffer(f"{side}_mean", torch.zeros(dim))  # [d]
+                self.register_buffer(f"{side}_std", torch.ones(dim))  # [d]
         if target_stats and linear_skip:
             raise MTNError("ModelTranslationNetwork: target_stats and linear_skip are exclusive (the linear map's "
                            "per-position bias already starts M at the mean target)")
@@ -178,6 +254,40 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
         self.target_shift.copy_(mean)
         self.target_scale.copy_(std.unsqueeze(-1))
 
+    @torch.no_grad()
+    def set_feature_stats(self, rows: dict, chunk: int = 2048) -> None:
+        """Per-channel mean and std of source and target features over their valid tokens; `rows` holds
+        source [N, S_s, d_s], source_mask [N, S_s], target [N, S_t, d_t], target_mask [N, S_t] (a feature cache)."""
+        if not self.config.standardize:
+            raise MTNError("this MTN was built with standardize=False")
+        for side in ("source", "target"):
+            feats, mask = rows[side], rows[f"{side}_mask"]
+            d = feats.shape[-1]
+            total, sq, count = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0.0
+            for i in range(0, len(feats), chunk):
+                m = mask[i:i + chunk].bool()  # [b, S]
+                x = feats[i:i + chunk][m].double()  # [tokens, d]
+                total += x.sum(0)
+                sq += x.pow(2).sum(0)
+                count += len(x)
+            if count < 2:
+                raise MTNError(f"feature statistics need at least 2 valid {side} tokens, got {int(count)}")
+            mean = total / count
+            std = (sq / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-4)
+            getattr(self, f"{side}_mean").copy_(mean.float())
+            getattr(self, f"{side}_std").copy_(std.float())
+
+    def normalize(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        """Raw -> standardised units ([..., d]); identity when the model does not standardise."""
+        if not self.config.standardize:
+            return x
+        return (x - getattr(self, f"{side}_mean").to(x.dtype)) / getattr(self, f"{side}_std").to(x.dtype)
+
+    def denormalize(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        if not self.config.standardize:
+            return x
+        return x * getattr(self, f"{side}_std").to(x.dtype) + getattr(self, f"{side}_mean").to(x.dtype)
+
     @classmethod
     def from_named_size(cls, size: str, **kwargs) -> ModelTranslationNetwork:
         if size not in NAMED_SIZES:
@@ -191,7 +301,8 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
     def encode(self, source: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """M: [B, S_s, d_s] (+ mask [B, S_s]) -> [B, S_t, d_t]."""
         self._check(source, self.config.source_dim, self.config.source_len, "source")
-        out = self.encoder(source, mask)  # [B, S_t, d_t]
+        out = self.encoder(self.normalize(source, "source"), mask)  # [B, S_t, d_t]
+        out = self.denormalize(out, "target")  # raw target units (a no-op without standardize)
         if self.config.target_stats:
             out = out * self.target_scale + self.target_shift  # back to raw target units
         if self.config.linear_skip:
@@ -207,7 +318,7 @@ class ModelTranslationNetwork(ModelMixin, ConfigMixin):
         self._check(target, self.config.target_dim, self.config.target_len, "target")
         if self.config.target_stats:
             target = (target - self.target_shift) / self.target_scale  # [B, S_t, d_t], normalised
-        return self.decoder(target)
+        return self.denormalize(self.decoder(self.normalize(target, "target")), "source")  # [B, S_s, d_s]
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encode(source, mask)

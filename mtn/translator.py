@@ -75,12 +75,18 @@ class Translator:
         if bad:
             raise MTNError(f"prompts must be strings; items {bad[:5]} are not")
         p = next(self.mtn.parameters())
-        out = []
-        for i in range(0, len(prompts), batch_size):
+        # length-sorted batches: the LM runs up to each batch's longest prompt, so similar lengths waste nothing
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = None
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
             # zero_pad: the MTN masks padded positions, so the LM need only run up to the longest prompt
-            hidden, mask = self.source_encoder(list(prompts[i:i + batch_size]), zero_pad=True)  # [b,S_s,d_s],[b,S_s]
-            out.append(self.mtn.encode(hidden.to(p.device, p.dtype), mask.to(p.device)))  # [b, S_t, d_t]
-        return torch.cat(out)  # [B, S_t, d_t]
+            hidden, mask = self.source_encoder([prompts[j] for j in idx], zero_pad=True)  # [b,S_s,d_s],[b,S_s]
+            emb = self.mtn.encode(hidden.to(p.device, p.dtype), mask.to(p.device))  # [b, S_t, d_t]
+            if out is None:
+                out = emb.new_empty(len(prompts), *emb.shape[1:])  # [B, S_t, d_t]
+            out[torch.tensor(idx, device=emb.device)] = emb
+        return out  # [B, S_t, d_t] in the order of `prompts`
 
     def save(self, path: str | Path, bundle_source_encoder: bool = False, training: dict | None = None) -> Path:
         path = Path(path)

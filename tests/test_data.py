@@ -62,6 +62,14 @@ def test_multilingual_file_lists_interleave(tmp_path):
     assert pairs == [("Hund", "dog"), ("chien", "dog"), ("Katze", "cat"), ("chat", "cat")]
 
 
+def test_multilingual_rotate_uses_each_target_once(tmp_path):
+    for lang, lines in {"de": "Hund\nKatze\nMaus\n", "fr": "chien\nchat\nsouris\n",
+                        "en": "dog\ncat\nmouse\n"}.items():
+        (tmp_path / f"t.{lang}").write_text(lines)
+    pairs = load_pairs(f"{tmp_path}/t.de,{tmp_path}/t.fr", str(tmp_path / "t.en"), mix="rotate")
+    assert pairs == [("Hund", "dog"), ("chat", "cat"), ("Maus", "mouse")]  # caption i in language i mod 2
+
+
 def test_source_lang_all_expands_file_templates():
     from mtn.config import load_config
 

@@ -65,3 +65,24 @@ def test_masked_mse_and_zero_weights():
     mtn = ModelTranslationNetwork(source_dim=8, target_dim=12, source_len=6, target_len=5, num_modules=1)
     with pytest.raises(ValueError, match="all loss weights are 0"):
         mtn_losses(mtn, None, src, mask, tgt, tmask, {"mse": 0, "adv": 0, "rec": 0, "cycle": 0})
+
+
+def test_standardized_model_trains_in_standardized_units():
+    torch.manual_seed(0)
+    mtn = ModelTranslationNetwork(source_dim=8, target_dim=6, source_len=5, target_len=4, num_modules=1,
+                                  block_layout="mixer", standardize=True)
+    rows = {"source": torch.randn(16, 5, 8), "source_mask": torch.ones(16, 5),
+            "target": 100 * torch.randn(16, 4, 6) + 7, "target_mask": torch.ones(16, 4)}
+    mtn.set_feature_stats(rows)
+    total, terms = mtn_losses(mtn, None, rows["source"], rows["source_mask"], rows["target"], rows["target_mask"],
+                              {"mse": 1.0, "rec": 1.0})
+    with torch.no_grad():
+        raw = masked_mse(mtn.encode(rows["source"], rows["source_mask"]), rows["target"])
+        std = masked_mse(mtn.normalize(mtn.encode(rows["source"], rows["source_mask"]), "target"),
+                         mtn.normalize(rows["target"], "target"))
+        rec = masked_mse(mtn.decoder(mtn.encoder(mtn.normalize(rows["source"], "source"), rows["source_mask"])),
+                         mtn.normalize(rows["source"], "source"), rows["source_mask"])
+    assert float(terms["mse"]) == pytest.approx(float(std), rel=1e-4)
+    assert float(raw) > 1000 * float(terms["mse"])  # raw units would be ~100^2 larger
+    assert float(terms["rec"]) == pytest.approx(float(rec), rel=1e-4)
+    assert float(total.detach()) == pytest.approx(float(terms["mse"] + terms["rec"]), rel=1e-5)

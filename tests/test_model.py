@@ -116,3 +116,65 @@ def test_linear_skip_starts_exactly_at_the_linear_map():
     with pytest.raises(MTNError, match="exclusive"):
         ModelTranslationNetwork(source_dim=6, target_dim=4, source_len=3, target_len=5, target_stats=True,
                                 linear_skip=True)
+
+
+def mixer_mtn(**kw):
+    torch.manual_seed(0)
+    args = dict(source_dim=24, target_dim=16, source_len=12, target_len=10, num_modules=2, block_layout="mixer",
+                decoder_modules=1, standardize=True)
+    return ModelTranslationNetwork(**{**args, **kw})
+
+
+def test_mixer_layout_shapes_mask_invariance_and_block_count():
+    mtn = mixer_mtn().eval()
+    assert len(mtn.encoder.blocks) == 2 and len(mtn.decoder.blocks) == 1
+    x, mask = torch.randn(2, 12, 24), torch.ones(2, 12)
+    mask[0, 4:] = 0
+    y = mtn.encode(x, mask)
+    assert y.shape == (2, 10, 16) and mtn.decode(y).shape == (2, 12, 24)
+    x2 = x.clone()
+    x2[0, 4:] = 50.0  # garbage in padding changes nothing
+    torch.testing.assert_close(mtn.encode(x2, mask), y, rtol=0, atol=0)
+    with pytest.raises(MTNError, match="block_layout"):
+        mixer_mtn(block_layout="transformer")
+    with pytest.raises(MTNError, match="standardize replaces"):
+        mixer_mtn(target_stats=True)
+
+
+def test_feature_stats_over_valid_tokens_and_raw_units_round_trip(tmp_path):
+    torch.manual_seed(0)
+    rows = {"source": torch.randn(40, 12, 24) * 3 + 5, "source_mask": torch.ones(40, 12),
+            "target": torch.randn(40, 10, 16) * 0.5 - 2, "target_mask": torch.ones(40, 10)}
+    rows["source_mask"][:, 6:] = 0
+    rows["source"][:, 6:] = 1e4  # padding must not enter the statistics
+    mtn = mixer_mtn()
+    mtn.set_feature_stats(rows)
+    valid = rows["source"][:, :6].reshape(-1, 24)
+    torch.testing.assert_close(mtn.source_mean, valid.mean(0))
+    torch.testing.assert_close(mtn.source_std, valid.std(0, unbiased=False), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mtn.target_mean, rows["target"].reshape(-1, 16).mean(0))
+    y = rows["target"][:2]
+    torch.testing.assert_close(mtn.denormalize(mtn.normalize(y, "target"), "target"), y)
+    assert mtn.normalize(y, "target").std() == pytest.approx(1.0, abs=0.2)
+    mtn.save_pretrained(tmp_path / "m")  # the statistics travel with the weights
+    again = ModelTranslationNetwork.from_pretrained(tmp_path / "m")
+    assert again.config.block_layout == "mixer" and again.config.standardize
+    torch.testing.assert_close(again.source_std, mtn.source_std)
+    x, m = rows["source"][:3], rows["source_mask"][:3]
+    torch.testing.assert_close(again.encode(x, m), mtn.encode(x, m))
+
+
+def test_folders_saved_before_block_layout_still_load(tmp_path):
+    import json
+
+    old = tiny_mtn()
+    old.save_pretrained(tmp_path / "m")
+    cfg_file = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for key in ("block_layout", "decoder_modules", "standardize"):  # what an older mtn wrote
+        cfg.pop(key)
+    cfg_file.write_text(json.dumps(cfg))
+    loaded = ModelTranslationNetwork.from_pretrained(tmp_path / "m")
+    assert loaded.config.block_layout == "gluegen" and not loaded.config.standardize
+    x, m = torch.randn(2, 12, 24), torch.ones(2, 12)
+    torch.testing.assert_close(loaded.encode(x, m), old.encode(x, m))

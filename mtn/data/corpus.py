@@ -3,7 +3,9 @@
 Paths are local or any fsspec URL (s3://bucket/key, with the standard AWS settings / AWS_ENDPOINT_URL);
 `.gz` / `.bz2` / `.xz` are decompressed by extension. `generated:<N>` yields N template captions (offline).
 A comma list of paths reads as the files one after another; in a parallel corpus, k equally long source files
-beside one target file are k translations of it: pairs interleave the languages line by line.
+beside one target file are k translations of it: pairs interleave the languages line by line (`mix="interleave"`,
+every caption once per language), or caption i takes language i mod k (`mix="rotate"`: each target caption once,
+the languages in equal shares; what the shared multilingual MTN trains on, see jobs/configs/multi30k.yaml).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def read_lines(path: str) -> list[str]:
 
 
 def load_pairs(source_file: str | None = None, target_file: str | None = None,
-               corpus: str | None = None) -> list[tuple[str, str]]:
+               corpus: str | None = None, mix: str = "interleave") -> list[tuple[str, str]]:
     """(source text, target text) pairs. Parallel files must have the same number of lines; pairs where either
     side is blank are dropped (alignment is by line number, so blanks are kept until pairing)."""
     if corpus:
@@ -50,8 +52,11 @@ def load_pairs(source_file: str | None = None, target_file: str | None = None,
             # de,fr,cs -> en: interleave line by line (de0, fr0, cs0, de1, ...) so any prefix of the pairs
             # (max_train_samples, max_val_samples) holds every language equally
             per = len(tgt)
-            src = [src[lang * per + i] for i in range(per) for lang in range(n_src)]
-            tgt = [t for t in tgt for _ in range(n_src)]
+            if mix == "rotate":  # caption i in language i mod k: every target once, languages in equal shares
+                src = [src[(i % n_src) * per + i] for i in range(per)]
+            else:
+                src = [src[lang * per + i] for i in range(per) for lang in range(n_src)]
+                tgt = [t for t in tgt for _ in range(n_src)]
         if len(src) != len(tgt):
             raise MTNError(f"parallel files are misaligned: {source_file} has {len(src)} lines but "
                            f"{target_file} has {len(tgt)}; line i of one must translate line i of the other")
@@ -76,8 +81,8 @@ def split_train_val(pairs: list, val_fraction: float, seed: int, max_val: int | 
 
 def config_pairs(cfg) -> tuple[list, list]:
     """(train, val) pairs as a TrainConfig defines them; every job that reads a config splits the same way."""
-    pairs = load_pairs(cfg.source_file, cfg.target_file, cfg.corpus)
-    if cfg.val_source_file:
+    pairs = load_pairs(cfg.source_file, cfg.target_file, cfg.corpus, getattr(cfg, "language_mix", "interleave"))
+    if cfg.val_source_file:  # val always holds every language of each caption (scored per distinct target)
         train, val = pairs, load_pairs(cfg.val_source_file, cfg.val_target_file)[: cfg.max_val_samples]
     else:
         train, val = split_train_val(pairs, cfg.val_fraction, cfg.seed, cfg.max_val_samples)

@@ -1,0 +1,60 @@
+"""Training precision. `auto` picks bf16 autocast where the hardware runs bf16 matmuls natively and fp32 elsewhere.
+
+The CPU behind a "2-core box" varies: with AVX512-BF16/AMX a bf16 matmul is ~3x faster than fp32, on an AVX2-only
+CPU it is emulated and measured 67x slower (../shared/STACK.md). `torch.backends.cpu.get_cpu_capability()` says
+"AVX512" on both kinds of AVX512 CPU, so on the CPU the choice is made by timing one matmul of the MTN's shape in
+both dtypes (~50 ms, once per process); on CUDA it is `torch.cuda.is_bf16_supported()`.
+
+Precisions: fp32; amp-bf16 (fp32 weights and optimizer, bf16 compute under torch.autocast; evaluation in fp32);
+bf16 / fp16 (DeepSpeed's low-precision weights with fp32 master copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "amp-bf16", "bf16", "fp16")
+
+
+@functools.cache
+def bf16_is_fast(device_type: str = "cpu") -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    a, b = torch.randn(2048, 384), torch.randn(384, 768)  # [tokens, d_h] x [d_h, 2 d_h]: an MTN channel MLP
+
+    def best(dtype) -> float:
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y  # first call: kernel selection
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(torch.bfloat16) < 0.8 * best(torch.float32)
+
+
+def resolve_precision(precision: str, device_type: str = "cpu") -> str:
+    """'auto' -> 'amp-bf16' where bf16 runs natively on this device, else 'fp32'; others unchanged."""
+    if precision != "auto":
+        return precision
+    return "amp-bf16" if bf16_is_fast(device_type) else "fp32"
+
+
+def autocast(precision: str, device_type: str = "cpu"):
+    """The forward's context: bf16 autocast for amp-bf16, nothing otherwise."""
+    if precision == "amp-bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype features are fed in: the weights' dtype (DeepSpeed bf16/fp16 casts them), fp32 otherwise."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
