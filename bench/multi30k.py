@@ -40,7 +40,7 @@ OLD = ["block_layout=gluegen", "standardize=false", "decoder_modules=null", "los
 ROWS = {
     "linear": ["method=linear"],
     "pooled-linear": ["method=pooled_linear"],
-    "mtn": [],  # jobs/configs/multi30k.yaml as it is: the recipe
+    "mtn": ["compare_linear=false"],  # jobs/configs/multi30k.yaml as it is (the linear row is its baseline)
     # rows measured before issue 12 (bench/results/multi30k.jsonl keeps them; `table` shows them on request)
     "mtn-3rm": [*OLD, "mtn_size=mtn-3rm", "max_steps=600", "batch_size=32", "lr=1e-3", "warmup_steps=30"],
     "mtn-3rm-skip": [*OLD, "mtn_size=mtn-3rm", *MTN],
@@ -86,9 +86,9 @@ def machine() -> str:
 
 def cpu_capability() -> str:
     """torch's capability plus whether bf16 runs natively (the dtype `precision: auto` picks follows it)."""
-    from mtn.precision import bf16_is_fast
+    from mtn.precision import describe
 
-    return f"{torch.backends.cpu.get_cpu_capability()}{', native bf16' if bf16_is_fast('cpu') else ', no fast bf16'}"
+    return describe("cpu")
 
 
 def score(translator: Path, lang: str) -> dict:
@@ -116,7 +116,7 @@ def run(row: str, lang: str, extra: list[str]) -> None:
     run_row(row, lang, ROWS[row], extra)
 
 
-def run_row(row: str, lang: str, overrides: list[str], extra: list[str]) -> None:
+def run_row(row: str, lang: str, overrides: list[str], extra: list[str], key: str | None = None) -> None:
     out_dir = f"outputs/bench/{lang}-{row.replace('/', '-')}"
     args = [f"source_lang={lang}", f"output_dir={out_dir}", f"name=bench-{lang}-{row.replace('/', '-')}-{int(time.time())}",
             *overrides, *extra]
@@ -125,6 +125,7 @@ def run_row(row: str, lang: str, overrides: list[str], extra: list[str]) -> None
     for lg in LANGS if lang == "all" else [lang]:
         for ts, m in score(ROOT / out_dir / "translator", lg).items():
             rec = {"row": row, "extra": extra, "train_lang": lang, "lang": lg, "test_set": ts, **m, "train_wall_s": round(wall, 1),
+                   **({"trial": key} if key else {}),
                    "val": {k: v for k, v in metrics.items() if k.startswith("val/")},
                    "command": shlex.join(["python", *cmd[1:]]), "machine": machine(),
                    "cpu_capability": cpu_capability(), "perf": {k: v for k, v in metrics.items() if "perf/" in k},
@@ -153,9 +154,38 @@ def ablation(path: str) -> None:
         for variant, overrides in cfg.variant_map().items():
             args = [*cfg.base_overrides.split(), f"lr={cfg.lr_min}", f"num_modules={modules}", *overrides]
             lang = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("source_lang=")), "all")
-            py("jobs/extract_features.py", *args)  # a variant's own corpus/encoders get their cache (else a no-op)
             name = f"{stem}/{variant or 'base'}" + (f"-{modules}" if len(comma_list(cfg.num_modules, int)) > 1 else "")
-            run_row(name, lang, args, [])
+            key = trial_key(args)
+            done = [r for r in RESULTS.read_text().splitlines() if key in r] if RESULTS.exists() else []
+            if done:  # the same trial already ran for another ablation (the recipe is in most of them): reuse it
+                reuse(name, done)
+                continue
+            py("jobs/extract_features.py", *args)  # a variant's own corpus/encoders get their cache (else a no-op)
+            run_row(name, lang, args, [], key)
+
+
+def trial_key(args: list[str]) -> str:
+    """What a trial trains, as a hash of its resolved config (names and output paths left out): equal trials of
+    different ablations share one key."""
+    import hashlib
+
+    from mtn.config import load_config
+
+    cfg = load_config(ROOT / CONFIG, args).to_dict()
+    for k in ("name", "output_dir", "storage_path", "mlflow_tracking_uri"):
+        cfg.pop(k, None)
+    return "trial-" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reuse(name: str, lines: list[str]) -> None:
+    """Record an earlier identical trial's latest rows under this ablation's row name."""
+    rows = [json.loads(x) for x in lines]
+    first = rows[0]["row"]
+    with RESULTS.open("a") as f:
+        for r in rows:
+            if r["row"] == first:
+                f.write(json.dumps({**r, "row": name, "same_trial_as": first}) + "\n")
+    print(f"{name}: the same trial as {first}, reused")
 
 
 def latest_results() -> dict:

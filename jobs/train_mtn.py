@@ -35,7 +35,7 @@ from mtn.errors import MTNError
 from mtn.losses import mtn_losses
 from mtn.metrics import alignment_metrics, target_ids
 from mtn.model import ModelTranslationNetwork, TokenDiscriminator
-from mtn.precision import input_dtype, resolve_precision
+from mtn.precision import describe, input_dtype, resolve_precision
 from mtn.tracking import MLflowTracker, save_loss_curve
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
@@ -250,8 +250,7 @@ def train_loop_per_worker(config: dict):
     dtype = input_dtype(cfg.precision)
     state = load_checkpoint(engine, {"step": 0, "history": [], "mlflow_run_id": None})
     if rank == 0:
-        print(f"precision: {cfg.precision}{' (auto)' if auto else ''} on {device.type}"
-              f"{', ' + torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else ''})")
+        print(f"precision: {cfg.precision}{' (auto)' if auto else ''} on {describe(device.type)}")
     if rank == 0 and state["step"]:
         print(f"resuming from the checkpoint at step {state['step']} (same name + storage_path); "
               f"give another name=... for a fresh run")

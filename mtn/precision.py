@@ -58,3 +58,10 @@ def autocast(precision: str, device_type: str = "cpu"):
 def input_dtype(precision: str) -> torch.dtype:
     """The dtype features are fed in: the weights' dtype (DeepSpeed bf16/fp16 casts them), fp32 otherwise."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def describe(device_type: str = "cpu") -> str:
+    """'cpu, AVX512, native bf16' / 'cuda': what a log line or a benchmark row should say about the hardware."""
+    if device_type != "cpu":
+        return device_type
+    return f"cpu, {torch.backends.cpu.get_cpu_capability()}, {'native' if bf16_is_fast('cpu') else 'no fast'} bf16"

@@ -49,6 +49,15 @@ def test_load_translator_encodes_like_the_trained_model(trained_dir):
     assert tr.encode((texts * 3)[:70], batch_size=32).shape == (70, 77, 48)  # chunked encode
 
 
+def test_length_sorted_batches_return_rows_in_prompt_order(trained_dir):
+    path, _, texts = trained_dir
+    tr = load_translator(path)
+    prompts = ["a", texts[0] + " " + texts[1], "", texts[2], "dog"]  # lengths out of order, batches of 2
+    batched = tr.encode(prompts, batch_size=2)
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(batched[i], tr.encode([p])[0], rtol=1e-4, atol=1e-5)
+
+
 def test_bundled_source_encoder(trained_dir, tmp_path):
     path, _, texts = trained_dir
     tr = load_translator(path)

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from mtn.precision import autocast, bf16_is_fast, describe, input_dtype, resolve_precision
+
+
+def test_auto_follows_the_measured_hardware_and_explicit_choices_stay():
+    assert resolve_precision("auto") == ("amp-bf16" if bf16_is_fast("cpu") else "fp32")
+    for p in ("fp32", "amp-bf16", "bf16", "fp16"):
+        assert resolve_precision(p) == p
+    assert resolve_precision("auto", "meta") == "fp32"  # no measurement for devices it cannot time
+    assert describe("cpu").startswith("cpu, ") and describe("cpu").endswith("bf16")
+
+
+def test_autocast_computes_linear_layers_in_bf16_and_fp32_stays_fp32():
+    lin, x = torch.nn.Linear(8, 4), torch.randn(2, 8)
+    with autocast("amp-bf16"):
+        assert lin(x).dtype == torch.bfloat16
+    with autocast("fp32"):
+        assert lin(x).dtype == torch.float32
+    assert input_dtype("amp-bf16") == torch.float32 and input_dtype("bf16") == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision,autocast_on,bf16_weights", [("amp-bf16", True, False), ("bf16", False, True),
+                                                                ("fp32", False, False)])
+def test_deepspeed_config_per_precision(precision, autocast_on, bf16_weights):
+    from mtn.config import REPO_ROOT, load_config, load_job
+
+    cfg = load_config(REPO_ROOT / "jobs/configs/local.yaml", [f"precision={precision}", "lr_schedule=cosine",
+                                                               "lr_min_ratio=0.1"])
+    ds = load_job("train_mtn").deepspeed_config(cfg, micro_batch=cfg.batch_size)
+    assert ds["torch_autocast"]["enabled"] is autocast_on and ds["bf16"]["enabled"] is bf16_weights
+    assert ds["scheduler"]["params"]["cos_min_ratio"] == 0.1
