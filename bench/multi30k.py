@@ -218,6 +218,32 @@ def table(rows: list[str] | None = None, train_lang: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def ablation_summary(langs: tuple[str, ...] = ("de",)) -> str:
+    """One line per ablation trial (`<config>/<variant>` rows): means over the test sets of `langs` (de by default,
+    where every trial, the per-language one included, has rows) of token MSE, its change against the linear map
+    fitted on the shared pairs, pooled cosine and R@1; and the trial's val token MSE."""
+    latest = latest_results()
+    head = ("| ablation | variant | test token MSE | vs linear | pooled cos | R@1 | val token MSE | steps x batch |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines, names = [head], sorted({k[0] for k in latest if "/" in k[0]})
+    for name in names:
+        rows = [(k, r) for k, r in latest.items() if k[0] == name and k[2] in langs]
+        lins = [latest.get(("linear", "all", k[2], k[3])) for k, _ in rows]
+        if not rows or not all(lins):
+            continue
+        mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        rs = [r for _, r in rows]
+        delta = 100 * (mean("token_mse", rs) / mean("token_mse", lins) - 1)
+        cfg = next((x for x in reversed(rs[0]["command"].split()) if x.startswith("batch_size=")), "batch_size=64")
+        steps = next((x for x in reversed(rs[0]["command"].split()) if x.startswith("max_steps=")), "")
+        ablation, variant = name.split("/", 1)
+        lines.append(f"| {ablation} | {variant} | {mean('token_mse', rs):.4f} | {delta:+.1f}% | "
+                     f"{mean('pooled_cosine', rs):.4f} | {mean('r@1', rs):.3f} | "
+                     f"{rs[0]['val'].get('val/token_mse', float('nan')):.4f} | "
+                     f"{steps.split('=')[-1]} x {cfg.split('=')[-1]} |")
+    return "\n".join(lines)
+
+
 def verdict(row: str = "mtn", train_lang: str = "all") -> str:
     """The issue-12 bar for `row`: token MSE >= 10% below the linear map, pooled cosine above the linear and the
     pooled-linear maps, R@1 at least as high as both; one line per test set."""
@@ -252,6 +278,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("table")
     t.add_argument("rows", nargs="*", help="only these rows (default: all)")
     t.add_argument("--train-lang", default=None, help="only rows trained on this language (all | de | fr | cs)")
+    sm = sub.add_parser("summary", help="the ablation rows, one line per trial (means over the de test sets)")
+    sm.add_argument("--langs", default="de")
     v = sub.add_parser("verdict")
     v.add_argument("--row", default="mtn")
     args = p.parse_args(argv)
@@ -264,6 +292,8 @@ def main(argv=None) -> int:
         ablation(args.config)
     elif args.cmd == "table":
         print(table(args.rows, args.train_lang))
+    elif args.cmd == "summary":
+        print(ablation_summary(tuple(args.langs.split(","))))
     else:
         print(verdict(args.row))
     return 0

@@ -1,20 +1,18 @@
 """Performance ratios, each measured in one run on this machine (scripts, not tests).
 
-    python bench/perf.py ray-vs-bare   # (a) train_mtn through Ray Train (1 worker) vs a bare PyTorch loop
     python bench/perf.py cache-vs-fly  # (b) an epoch from the feature cache vs an epoch encoding on the fly
     python bench/perf.py latency       # (c) MTN encoder vs the source encoder's own forward, same batch
 
-All three use the real Multi30k de setup (jobs/configs/multi30k.yaml: e5-small -> MiniLM, MTN-3RM) and its
-feature cache (python jobs/extract_features.py --config jobs/configs/multi30k.yaml source_lang=de).
+Both use the real Multi30k de setup (jobs/configs/multi30k.yaml source_lang=de: e5-small -> MiniLM) and its
+feature cache (python jobs/extract_features.py --config jobs/configs/multi30k.yaml source_lang=de). The train job
+against a bare loop (formerly `ray-vs-bare`) is `python bench/speed.py train`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,29 +71,6 @@ def bare_steps(cfg, rows, steps: int, warmup: int = 5, encoders=None, pairs=None
         opt.zero_grad(set_to_none=True)
     total_s = (time.perf_counter() - t0) / steps
     return (data_s / steps, total_s - data_s / steps) if split else total_s
-
-
-def ray_vs_bare(steps: int) -> None:
-    from mtn.data.features import load_features
-
-    cfg = config()
-    out = ROOT / "outputs" / "perf" / "ray"
-    args = ["--config", str(CONFIG), "source_lang=de", f"output_dir={out}", f"name=perf-{int(time.time())}",
-            f"max_steps={steps + 5}", "max_val_samples=0", "compare_linear=false", f"checkpoint_every={10**6}",
-            "num_workers=1"]
-    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "jobs/train_mtn.py", *args], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    ray_wall = time.perf_counter() - t0
-    ray_sps = json.loads((out / "metrics.json").read_text())["perf/steps_per_s"]
-    torch.set_num_threads(cfg.cpus_per_worker)  # what the Ray worker gets
-    rows = load_features(cfg.feature_cache)
-    bare = bare_steps(cfg, rows, steps)
-    print(f"(a) {steps} MTN-3RM steps (batch {cfg.batch_size}) on cached features, same model/loss/batches:")
-    print(f"    Ray Train + DeepSpeed, 1 worker: {ray_sps:.3f} steps/s (job wall incl. Ray start-up {ray_wall:.0f} s)")
-    print(f"    bare PyTorch loop:               {1 / bare:.3f} steps/s")
-    print(f"    ratio Ray / bare = {ray_sps * bare:.2f}x  (goal >= 0.9x)")
 
 
 def cache_vs_fly(rows_in_epoch: int) -> None:
@@ -159,13 +134,12 @@ def latency(batch: int, repeats: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["ray-vs-bare", "cache-vs-fly", "latency"])
-    p.add_argument("--steps", type=int, default=60, help="(a) timed steps")
+    p.add_argument("which", choices=["cache-vs-fly", "latency"])
     p.add_argument("--rows", type=int, default=1024, help="(b) pairs in the epoch")
     p.add_argument("--batch", type=int, default=32, help="(c) prompts per batch")
     p.add_argument("--repeats", type=int, default=10, help="(c) timed repeats")
     a = p.parse_args(argv)
-    {"ray-vs-bare": lambda: ray_vs_bare(a.steps), "cache-vs-fly": lambda: cache_vs_fly(a.rows),
+    {"cache-vs-fly": lambda: cache_vs_fly(a.rows),
      "latency": lambda: latency(a.batch, a.repeats)}[a.which]()
     return 0
 

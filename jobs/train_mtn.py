@@ -112,7 +112,10 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
         # forward under torch.autocast, entered by the engine itself (an autocast around engine() is switched off)
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16"},
-        "torch_autocast": {"enabled": cfg.precision == "amp-bf16", "dtype": "bfloat16"},
+        # gradients stay fp32 in the all-reduce too (no module is marked lower-precision-safe): DeepSpeed's bf16 comm
+        # buckets mixed with fp32 ones crashed a resumed ZeRO-2 run over gloo (tests/test_train_job.py)
+        "torch_autocast": {"enabled": cfg.precision == "amp-bf16", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "steps_per_print": 10**9,
     }
 

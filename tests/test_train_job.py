@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[1]
 JOB = ROOT / "jobs" / "train_mtn.py"
@@ -29,7 +30,10 @@ def run_job(*overrides, cwd):
 def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path):
     out = tmp_path / "run"
     common = [f"output_dir={out}", "num_workers=2", "zero_stage=2", "batch_size=8", "corpus=generated:200",
-              "val_every=3", "checkpoint_every=2", "log_every=1", "hidden_dim=16", "loss_adv=0.01"]
+              "val_every=3", "checkpoint_every=2", "log_every=1", "hidden_dim=16", "loss_adv=0.01",
+              # the multi30k recipe's model and precision on the tiny encoders: mixer blocks, standardised features,
+              # bf16 autocast where this CPU runs bf16 natively (fp32 elsewhere)
+              "block_layout=mixer", "num_modules=2", "decoder_modules=1", "standardize=true", "precision=auto"]
     first = run_job(*common, "max_steps=3", cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "== train_mtn finished ==" in first.stdout
@@ -41,6 +45,12 @@ def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path):
     assert tr.encode(["a red dog runs on the beach"]).shape == (1, 77, 48)
     assert tr.manifest["training"]["steps"] == 3
     assert tr.manifest["training"]["config"]["zero_stage"] == 2
+    assert tr.mtn.config.block_layout == "mixer" and tr.mtn.config.standardize
+    assert tr.mtn.target_std.min() > 0 and not torch.equal(tr.mtn.source_mean, torch.zeros_like(tr.mtn.source_mean))
+    from mtn.precision import resolve_precision
+
+    assert tr.manifest["training"]["config"]["precision"] == resolve_precision("auto")  # what auto chose is recorded
+    assert f"precision: {resolve_precision('auto')} (auto)" in first.stdout + first.stderr
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert 0.0 <= __import__("json").loads((out / "metrics.json").read_text())["val/r@1"] <= 1.0
 
