@@ -7,7 +7,9 @@
 Reads the same config as jobs/train_mtn.py: the encoders, the corpus (train + val pairs, exactly as training would
 split them) and `feature_cache` / `val_feature_cache` (local folders or s3://). Encoders run as a Ray Data actor
 pool of `extract_workers` actors (`cpus_per_worker` CPUs or `extract_gpus_per_worker` GPUs each); shards are written
-by the Ray Data tasks that receive them, and the manifest last. Then train with the same config:
+by the Ray Data tasks that receive them into a new generation folder beside any older cache, and the manifest last:
+until it replaces the old one the old cache stays valid, then the old shards are removed. A cache whose record
+matches but whose shards fail their checksums is re-extracted. Then train with the same config:
 
     python jobs/train_mtn.py --config jobs/configs/multi30k.yaml source_lang=de   # finds the caches, no encoders
 """
@@ -25,7 +27,16 @@ import torch
 
 from mtn.config import REPO_ROOT, TrainConfig, load_config
 from mtn.data import config_files, config_pairs
-from mtn.data.features import check_cache, clear_cache, expected_record, write_manifest, write_shard
+from mtn.data.features import (
+    check_cache,
+    discard_generation,
+    expected_record,
+    new_generation,
+    prune_cache,
+    verify_shards,
+    write_manifest,
+    write_shard,
+)
 from mtn.errors import MTNError
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
@@ -75,18 +86,38 @@ class EncodePairs:
         return {"index": batch["index"], "source": src, "source_mask": src_m, "target": tgt, "target_mask": tgt_m}
 
 
-def write_shards(batch: dict[str, np.ndarray], url: str, dtype: str, trim_target: bool) -> dict[str, np.ndarray]:
+def write_shards(batch: dict[str, np.ndarray], url: str, dtype: str, trim_target: bool,
+                 generation: str) -> dict[str, np.ndarray]:
     rows = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}  # a writable copy
-    entry = write_shard(url, rows, getattr(torch, dtype), trim_target)
-    return {"file": np.array([entry["file"]]), "rows": np.array([entry["rows"]]),
+    entry = write_shard(url, rows, getattr(torch, dtype), trim_target, generation)
+    return {"file": np.array([entry["file"]]), "rows": np.array([entry["rows"]]), "sha256": np.array([entry["sha256"]]),
             "source_dim": np.array([batch["source"].shape[-1]]), "target_dim": np.array([batch["target"].shape[-1]])}
 
 
 def extract(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, record: dict) -> dict:
-    """Encode `pairs` with a Ray Data actor pool into the cache at `url`; returns the manifest."""
+    """Encode `pairs` into a new generation of the cache at `url`; returns the manifest. An older cache there stays
+    valid until the new manifest replaces its own (a failed run leaves it untouched), then its shards go."""
+    generation = new_generation()
+    try:
+        out = encode_and_write(cfg, pairs, url, generation)
+        shards = [{"file": str(r["file"]), "rows": int(r["rows"]), "sha256": str(r["sha256"])} for r in out]
+        if sum(s["rows"] for s in shards) != len(pairs):
+            raise MTNError(f"extraction wrote {sum(s['rows'] for s in shards)} rows for {len(pairs)} pairs")
+        dims = {"source_len": cfg.source_max_length, "target_len": cfg.target_max_length,
+                "source_dim": int(out[0]["source_dim"]), "target_dim": int(out[0]["target_dim"])}
+        manifest = write_manifest(url, record, shards, dims, cfg.feature_dtype,  # the swap: old cache -> new one
+                                  extra={"source_zero_padded": True, "target_zero_padded": not cfg.cache_target_padding})
+    except BaseException:
+        discard_generation(url, generation)
+        raise
+    prune_cache(url, manifest)  # the old generation, format-1 shards, anything an interrupted run left
+    return manifest
+
+
+def encode_and_write(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, generation: str) -> list[dict]:
+    """The Ray Data pipeline: encoder actors, then shard writers into `url/generation/`. One row per shard."""
     import ray.data
 
-    clear_cache(url)  # a re-extraction must not mix with an older cache's shards
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.verbose_progress = False
     # length-sorted: each encoder batch pads to its longest caption, so neighbours of equal length waste no compute
@@ -104,16 +135,10 @@ def extract(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, record: di
                         num_gpus=gpu or None)
     # writers are light tasks (no CPU reserved) so they run beside the encoder actors instead of waiting for them
     ds = ds.map_batches(write_shards, fn_kwargs={"url": url, "dtype": cfg.feature_dtype,
-                                                  "trim_target": not cfg.cache_target_padding},
+                                                  "trim_target": not cfg.cache_target_padding,
+                                                  "generation": generation},
                         batch_size=cfg.extract_shard_rows, num_cpus=0)
-    out = ds.take_all()
-    shards = [{"file": str(r["file"]), "rows": int(r["rows"])} for r in out]
-    if sum(s["rows"] for s in shards) != len(pairs):
-        raise MTNError(f"extraction wrote {sum(s['rows'] for s in shards)} rows for {len(pairs)} pairs")
-    dims = {"source_len": cfg.source_max_length, "target_len": cfg.target_max_length,
-            "source_dim": int(out[0]["source_dim"]), "target_dim": int(out[0]["target_dim"])}
-    return write_manifest(url, record, shards, dims, cfg.feature_dtype,
-                          extra={"source_zero_padded": True, "target_zero_padded": not cfg.cache_target_padding})
+    return ds.take_all()
 
 
 def start_ray(cfg: TrainConfig) -> None:
@@ -126,10 +151,14 @@ def start_ray(cfg: TrainConfig) -> None:
 
 
 def up_to_date(url: str, record: dict, cfg: TrainConfig) -> bool:
+    """The cache matches the config and every shard its checksum (reads the whole cache: far cheaper than
+    encoding it again, and a corrupted cache is then repaired by simply rerunning this job)."""
     try:
-        check_cache(url, record, needs_target_padding=cfg.cache_target_padding)
+        verify_shards(url, check_cache(url, record, needs_target_padding=cfg.cache_target_padding))
         return True
-    except MTNError:
+    except MTNError as e:
+        if "does not match" not in str(e) and "not found" not in str(e):
+            print(f"{str(e).splitlines()[0].split('; rebuild')[0]}: re-extracting it", file=sys.stderr)
         return False
 
 

@@ -1,79 +1,262 @@
 """Model folders by URI: a local folder, `s3://bucket/prefix` (fsspec/s3fs, standard AWS settings incl.
 AWS_ENDPOINT_URL for MinIO), or an MLflow artifact URI (`runs:/<run>/translator`, `models:/<name>/<version>`,
-`mlflow-artifacts:/...`). Remote folders are downloaded once into a cache keyed by the URI."""
+`models:/<name>@<alias>`, `mlflow-artifacts:/...`). Remote folders are downloaded once into a cache keyed by the URI.
+
+The cache is shared by every process on a node (Serve replicas, Ray workers):
+
+    <cache>/<key>/                 a complete download (holds `.complete`); appears by one atomic rename
+    <key>.part-XXXX/               a download in progress (or left by a killed process: removed by the next one)
+    <key>.lock                     a file lock: one process downloads, the others wait and then use its copy
+    <key>.failed                   a failed download remembered for `retry_after_s` (JSON: error, retry_at), so a
+                                   broken URI does not cost a download per request; delete it to retry sooner
+
+`models:/name@alias` and `models:/name/latest` are resolved to their version first, so moving an alias is never
+served from the copy of the old version. Settings (keyword arguments, else environment):
+MTN_FETCH_TIMEOUT_S (1800: the whole download), MTN_FETCH_RETRY_AFTER_S (60; 0 disables the failure memory).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from mtn.errors import MTNError
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+TIMEOUT_ENV, RETRY_ENV = "MTN_FETCH_TIMEOUT_S", "MTN_FETCH_RETRY_AFTER_S"
+DEFAULT_TIMEOUT_S, DEFAULT_RETRY_AFTER_S = 1800.0, 60.0
+_CHUNK = 4 << 20  # bytes per read: the download deadline is checked between chunks
+_clock = time.monotonic  # the deadline's clock (tests replace it to stop a download at a chosen chunk)
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MTN_CACHE", Path.home() / ".cache" / "mtn")) / "models"
 
 
-def fetch_folder(uri: str, marker: str, cache_dir: str | Path | None = None) -> Path:
+def _setting(value: float | None, env: str, default: float) -> float:
+    if value is not None:
+        return float(value)
+    raw = os.environ.get(env)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise MTNError(f"{env}={raw!r} is not a number of seconds") from None
+
+
+def fetch_folder(uri: str, marker: str, cache_dir: str | Path | None = None, timeout_s: float | None = None,
+                 retry_after_s: float | None = None) -> Path:
     """A local folder holding `marker` (e.g. "translator.json", "model_index.json") for `uri`.
-    Remote copies land in `cache_dir/<sha of uri>`; an incomplete earlier download is redone."""
+    Remote copies land in `cache_dir/<sha of store + uri>`, downloaded by one process at a time."""
     uri = str(uri)
     if not uri.startswith(("s3://", *MLFLOW_SCHEMES)):
         path = Path(uri).expanduser()
         if not path.is_dir():
             raise MTNError(f"model folder not found: {uri}")
         return _find_marker(path, marker, uri)
-    # models:/name/1 names different models in different MLflow stores: the store is part of the cache key
-    store = _tracking_uri() if uri.startswith(MLFLOW_SCHEMES) else ""
-    dest = Path(cache_dir or default_cache_dir()) / hashlib.sha256(f"{store}|{uri}".encode()).hexdigest()[:16]
-    done = dest / ".complete"
-    if not done.is_file():
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp = dest.with_name(dest.name + ".part")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            _download(uri, tmp)
-            _find_marker(tmp, marker, uri)  # a download without the marker is never cached as complete
-        except MTNError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        tmp.rename(dest)
-        done.write_text(uri)
+    timeout_s = _setting(timeout_s, TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    retry_after_s = _setting(retry_after_s, RETRY_ENV, DEFAULT_RETRY_AFTER_S)
+    store, resolved = "", uri
+    if uri.startswith(MLFLOW_SCHEMES):
+        # models:/name/1 names different models in different MLflow stores: the store is part of the cache key
+        store, resolved = _tracking_uri(), _resolve_registry_uri(uri)
+    cache = Path(cache_dir or default_cache_dir())
+    key = hashlib.sha256(f"{store}|{resolved}".encode()).hexdigest()[:16]
+    dest, failed = cache / key, cache / f"{key}.failed"
+    if (dest / ".complete").is_file():
+        return _find_marker(dest, marker, uri)
+    _raise_if_failed_recently(failed, retry_after_s)
+    cache.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock, Timeout
+
+    # a waiter gives up a little after the holder's own deadline (the holder then has failed or finished)
+    lock = FileLock(str(cache / f"{key}.lock"), timeout=timeout_s + 30)
+    try:
+        with lock:
+            if (dest / ".complete").is_file():  # another process finished it while this one waited
+                return _find_marker(dest, marker, uri)
+            _raise_if_failed_recently(failed, retry_after_s)  # ... or failed it: do not try again at once
+            _download_locked(uri, resolved, marker, cache, key, timeout_s, retry_after_s)
+    except Timeout:
+        raise MTNError(f"{uri}: another process on this node has held the download lock {lock.lock_file} for "
+                       f"over {timeout_s + 30:.0f} s; is it stuck?") from None
     return _find_marker(dest, marker, uri)
 
 
+def _download_locked(uri: str, resolved: str, marker: str, cache: Path, key: str, timeout_s: float,
+                     retry_after_s: float) -> None:
+    """Download into a fresh temp folder, check it, then publish it with one rename. Holds the key's lock."""
+    dest, failed = cache / key, cache / f"{key}.failed"
+    for stale in [*cache.glob(f"{key}.part*"), dest]:  # left by a killed process (nobody else holds the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{key}.part-", dir=cache))
+    try:
+        deadline = _clock() + timeout_s
+        if uri.startswith("s3://"):
+            _download_s3(uri, tmp, deadline, timeout_s)
+        else:
+            _download_mlflow(uri, resolved, tmp, deadline, timeout_s)
+        _find_marker(tmp, marker, uri)  # a download without the marker is never cached as complete
+        (tmp / ".complete").write_text(uri)
+        os.rename(tmp, dest)  # atomic: other processes see no folder or a complete one
+    except MTNError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remember_failure(failed, uri, str(e), retry_after_s)
+        raise
+    except BaseException:  # interrupted (KeyboardInterrupt, SystemExit): no trace, nothing remembered
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    failed.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------- failure memory
+def _remember_failure(path: Path, uri: str, error: str, retry_after_s: float) -> None:
+    if retry_after_s <= 0:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"uri": uri, "error": error, "retry_at": time.time() + retry_after_s}))
+    os.replace(tmp, path)  # readers in other processes see the old record or the new one, never half of one
+
+
+def _raise_if_failed_recently(path: Path, retry_after_s: float) -> None:
+    if retry_after_s <= 0:
+        return
+    try:
+        record = json.loads(path.read_text())
+        retry_at, error = float(record["retry_at"]), str(record["error"])
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError, TypeError, OSError):  # unreadable record: ignore it, the download decides
+        return
+    wait = retry_at - time.time()
+    if wait > 0:
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(retry_at))
+        raise MTNError(f"{error} [failed recently: not retried before {when} (in {wait:.0f} s); "
+                       f"delete {path} to retry now]")
+
+
+# ----------------------------------------------------------------------------------------------- sources
 def _tracking_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
 
 
-def _download(uri: str, dest: Path) -> None:
-    if uri.startswith("s3://"):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(uri)
-        files = [f for f in fs.find(root) if not f.endswith("/")]
-        if not files:
-            raise MTNError(f"nothing found under {uri}")
-        for f in files:
-            local = dest / os.path.relpath(f, root.rstrip("/"))
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f, str(local))
-        return
-    import mlflow
+def _resolve_registry_uri(uri: str) -> str:
+    """`models:/name@alias` and `models:/name/latest` -> `models:/name/<version>` (the version is what is cached);
+    any other URI as given."""
+    if not uri.startswith("models:/"):
+        return uri
+    parts = uri[len("models:/"):].split("/")
+    if len(parts) == 1 and "@" in parts[0]:
+        name, alias = parts[0].rsplit("@", 1)
+        what = f"alias {alias!r}"
+    elif len(parts) == 2 and parts[1].lower() == "latest":
+        name, alias = parts[0], None
+        what = "its latest version"
+    else:
+        return uri
+    from mlflow.tracking import MlflowClient
 
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
-    except Exception as e:  # MlflowException, REST errors: one line for the user
-        raise MTNError(f"cannot download {uri} from MLflow ({_tracking_uri()}):"
-                       f" {str(e).splitlines()[0]}") from None
+        client = MlflowClient()
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    except Exception as e:  # noqa: BLE001 - MlflowException, REST errors, no versions: one line for the user
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MTNError(f"cannot resolve {uri} ({what}) in MLflow ({_tracking_uri()}): {msg}") from None
+    return f"models:/{name}/{version}"
+
+
+def _s3fs(uri: str, timeout_s: float):
+    import fsspec
+
+    # per-request bounds (a dead endpoint fails in seconds, not after botocore's defaults); one fresh instance:
+    # s3fs is not fork-safe and a cached one may carry another process's event loop
+    config = {"connect_timeout": min(10.0, timeout_s), "read_timeout": min(60.0, timeout_s),
+              "retries": {"max_attempts": 2, "mode": "standard"}}
+    return fsspec.core.url_to_fs(uri, skip_instance_cache=True, config_kwargs=config)
+
+
+def _safe_relpath(key: str, root: str, uri: str) -> str:
+    """The path of listed `key` under the download folder; refuses keys that would land outside it."""
+    rel = key[len(root) + 1:] if key.startswith(root + "/") else key.rsplit("/", 1)[-1]
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", "..") for p in parts) or "\x00" in rel:
+        raise MTNError(f"refusing {uri}: listed key {key!r} would land outside the cache folder")
+    return rel
+
+
+def _download_s3(uri: str, dest: Path, deadline: float, timeout_s: float) -> None:
+    try:
+        fs, root = _s3fs(uri, timeout_s)
+        root = root.rstrip("/")
+        files = [f for f in fs.find(root) if not f.endswith("/")]
+    except MTNError:
+        raise
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors: one line for the user
+        raise MTNError(f"cannot list {uri}: {_one_line(e)}") from None
+    if not files:
+        raise MTNError(f"nothing found under {uri}")
+    plan = [(f, dest / _safe_relpath(f, root, uri)) for f in files]  # checked before anything is written
+    top = dest.resolve()
+    for f, local in plan:
+        if not local.resolve().is_relative_to(top):
+            raise MTNError(f"refusing {uri}: listed key {f!r} would land outside the cache folder")
+    for f, local in plan:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with fs.open(f, "rb", block_size=_CHUNK) as src, open(local, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    if _clock() > deadline:
+                        raise MTNError(f"downloading {uri} took over {timeout_s:.0f} s ({TIMEOUT_ENV}); gave up")
+        except MTNError:
+            raise
+        except Exception as e:  # noqa: BLE001 - connection lost, object gone mid-download
+            raise MTNError(f"cannot download {uri}: s3://{f}: {_one_line(e)}") from None
+        if _clock() > deadline:
+            raise MTNError(f"downloading {uri} took over {timeout_s:.0f} s ({TIMEOUT_ENV}); gave up")
+
+
+def _download_mlflow(uri: str, resolved: str, dest: Path, deadline: float, timeout_s: float) -> None:
+    """MLflow's own download on a helper thread, bounded by the deadline. A download that overruns keeps running
+    in the background into its temp folder (MLflow has no cancel); that folder is never published."""
+    import mlflow
+
+    outcome: dict = {}
+
+    def work():
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=str(dest))
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            outcome["error"] = e
+        outcome["done"] = True
+
+    thread = threading.Thread(target=work, name="mtn-mlflow-download", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - _clock()))
+    if not outcome.get("done"):
+        raise MTNError(f"downloading {uri} from MLflow took over {timeout_s:.0f} s ({TIMEOUT_ENV}); gave up")
+    if "error" in outcome:
+        shown = uri if resolved == uri else f"{uri} (= {resolved})"
+        raise MTNError(f"cannot download {shown} from MLflow ({_tracking_uri()}): {_one_line(outcome['error'])}")
+    top = dest.resolve()
+    for p in dest.rglob("*"):  # a symlinked artifact must not point outside the cache
+        if p.is_symlink() and not p.resolve().is_relative_to(top):
+            raise MTNError(f"refusing {uri}: artifact {p.relative_to(dest)} links outside the cache folder")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _find_marker(root: Path, marker: str, uri: str) -> Path:

@@ -10,7 +10,8 @@ $MTN_SHARED/k8s/crds (default: <repo>/../shared) made strict (unknown fields are
 --validate=strict` would report), then against operator rules the CRD schema lacks (name length, replica bounds,
 TTL/shutdown, serveConfigV2 through Ray Serve's ServeDeploySchema and the app's serve.config.AppArgs, ...).
 Built-in kinds go through kubernetes-validate --strict. Every pod template must meet the "restricted" Pod Security
-Standard (restricted_errors). CEL rules (x-kubernetes-validations) are not evaluated.
+Standard, mount no Kubernetes API token, and KubeRay clusters must use Ray token auth
+(pod_security.policy_errors). CEL rules (x-kubernetes-validations) are not evaluated.
 Prints one line per object and exits 1 when any object fails (2: usage error, e.g. CRDs not found).
 """
 
@@ -29,7 +30,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helm_tools import find_helm, helm, helm_template  # noqa: E402, F401  (tests use find_helm and helm from here)
-from pod_security import restricted_errors  # noqa: E402
+from pod_security import policy_errors  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # kind -> (CRD file, longest metadata.name KubeRay accepts: 53 for a RayCluster so that "-serve-svc" still fits
@@ -297,11 +298,11 @@ def object_errors(obj: dict, versions=DEFAULT_K8S_VERSIONS, crds: Path | None = 
     if obj["kind"] in RAY_KINDS and obj["apiVersion"] == "ray.io/v1":
         errors = crd_errors(obj, crds)  # operator and pod rules assume the CRD's types
         if not errors:
-            errors = operator_errors(obj) + restricted_errors(obj)
+            errors = operator_errors(obj) + policy_errors(obj)
         return "KubeRay v1 CRD (strict) + operator rules + restricted pods", errors
     errors = builtin_errors(obj, versions)
     return (f"kubernetes-validate --strict {', '.join(versions)} + restricted pods",
-            errors + (restricted_errors(obj) if not errors else []))
+            errors + (policy_errors(obj) if not errors else []))
 
 
 def main(argv=None) -> int:

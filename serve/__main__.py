@@ -3,6 +3,7 @@
     python -m serve                                   # tiny SD pipeline + the default job's translator
     python -m serve --port 8080 --host 0.0.0.0
     python -m serve --config serve/config.yaml        # the first application's args of a serve-build YAML
+    MTN_API_KEYS=k1,k2 python -m serve                # /v1/* then needs `Authorization: Bearer k1` (or k2)
 
 The default translator is outputs/local/translator, trained by `python jobs/train_mtn.py` first when missing
 (about 2 minutes on 2 cores); the tiny pipeline is built from configs into outputs/serve/tiny-sd.
@@ -73,9 +74,16 @@ def main(argv: list[str] | None = None) -> None:
 
     args = args_from_config(ns.config) if ns.config else default_args()
     try:
-        AppArgs.model_validate(args)
+        app_args = AppArgs.model_validate(args)
     except ValidationError as e:
         sys.exit(f"error: invalid app args: {e}")
+    from mtn.errors import MTNError
+    from serve.web import load_api_keys
+
+    try:  # the Ingress checks again in its replica; here a missing key is one line, not a failed deployment
+        keys = load_api_keys(app_args.auth)
+    except MTNError as e:
+        sys.exit(f"error: {e}")
     if not ns.config:
         prepare_default(args)
 
@@ -87,9 +95,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # the replicas import `serve.*` and `mtn.*` from the working tree
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, include_dashboard=False)
-    serve.start(http_options={"host": ns.host, "port": ns.port})
+    # the proxy's own timeout (a plain 408) only backs up the app's JSON 504 (admission.request_timeout_s)
+    serve.start(http_options={"host": ns.host, "port": ns.port,
+                              "request_timeout_s": app_args.admission.request_timeout_s + 30})
     serve.run(build_app(args), name="mtn", route_prefix="/")
-    print(f"MTN service ready on http://{ns.host}:{ns.port}/  (API docs: /docs; Ctrl-C stops it)", flush=True)
+    print(f"MTN service ready on http://{ns.host}:{ns.port}/  (API docs: /docs; API keys: "
+          f"{'required on /v1/*' if keys else 'off'}; Ctrl-C stops it)", flush=True)
     try:
         while True:
             time.sleep(3600)

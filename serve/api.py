@@ -1,7 +1,11 @@
 """HTTP API: request/response models, validation against the configured limits, routing, error bodies.
 
-`Service` is plain Python (no Ray): the Ray Serve ingress in serve/app.py delegates every route to it, and
-tests drive it directly. `backend.generate(route, request) -> dict` does the GPU work.
+`Service` is plain Python (no Ray): the HTTP layer (serve/web.py) delegates every route to it, and tests drive
+it directly. `backend.generate(route, request) -> dict` does the GPU work; it raises `Unavailable` when the
+request cannot be served now (full queue, out of memory, a route that does not load).
+
+Answers carry a plain reason and the request id, never a URI, a path or a traceback: those go to the log,
+under the same request id.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mtn.errors import MTNError
 from mtn.routing import LanguageRouter, UnsupportedLanguage
-from serve.config import NATIVE, AppArgs
+from serve.config import AppArgs
 
 log = logging.getLogger("mtn.serve")
 PAGE = (Path(__file__).parent / "page.html").read_text()
@@ -42,8 +46,7 @@ class GenerateRequest(BaseModel):
 
 
 class RouteInfo(BaseModel):
-    route: str
-    translator: str
+    route: str  # "native" or a key of `translators` (never the translator's URI)
     language: str | None
     languages: list[str]
     hybrid: bool
@@ -60,14 +63,26 @@ class GenerateResponse(BaseModel):
 
 
 class RequestError(Exception):
-    """A 4xx with a JSON body {"error": message, "detail": [...]}."""
+    """An error answer: JSON {"error": message, "detail": [...], "request_id": ...} (+ Retry-After on 503s)."""
 
-    def __init__(self, status: int, message: str, detail: list[dict] | None = None):
+    def __init__(self, status: int, message: str, detail: list[dict] | None = None, retry_after_s: int | None = None):
         super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail or []
+        self.status, self.message, self.detail, self.retry_after_s = status, message, detail or [], retry_after_s
 
-    def body(self) -> dict:
-        return {"error": self.message, "detail": self.detail}
+    def body(self, request_id: str | None = None) -> dict:
+        return {"error": self.message, "detail": self.detail, **({"request_id": request_id} if request_id else {})}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+class Unavailable(Exception):
+    """Raised by a backend: the request cannot be served now. `reason` is for the client (no internals),
+    `detail` for the log only."""
+
+    def __init__(self, reason: str, detail: str = "", retry: bool = True):
+        super().__init__(reason)
+        self.reason, self.detail, self.retry = reason, detail, retry
 
 
 class Backend(Protocol):
@@ -109,6 +124,10 @@ class Service:
             bad("num_images", f"num_images {r['num_images']} is above {lim.max_images}")
         if r["guidance_scale"] > lim.max_guidance_scale:
             bad("guidance_scale", f"guidance_scale {r['guidance_scale']} is above {lim.max_guidance_scale}")
+        pixels = r["width"] * r["height"] * r["num_images"]
+        if pixels > lim.max_request_pixels:
+            bad("num_images", f"width x height x num_images = {pixels} pixels is above the budget of "
+                              f"{lim.max_request_pixels}; ask for fewer or smaller images")
         if errors:
             raise RequestError(422, "; ".join(e["msg"] for e in errors), errors)
         if r["seed"] is None:
@@ -116,7 +135,7 @@ class Service:
         r["seed"] = min(r["seed"], MAX_SEED - r["num_images"])
         return r
 
-    async def generate(self, req: GenerateRequest) -> dict:
+    async def generate(self, req: GenerateRequest, request_id: str = "-") -> dict:
         t0 = time.perf_counter()
         r = self.check(req)
         try:
@@ -126,20 +145,29 @@ class Service:
         t1 = time.perf_counter()
         payload = {k: r[k] for k in ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width",
                                      "height", "seed", "num_images")}
+        adm = self.args.admission
         try:
-            out = await self.backend.generate(decision.route, payload)
-        except MTNError as e:  # a translator/pipeline URI that does not load: the deployment's fault, not the user's
-            log.error("route %s failed: %s", decision.route, e)
-            raise RequestError(503, f"route {decision.route!r} is unavailable: {e}") from None
+            out = await asyncio.wait_for(self.backend.generate(decision.route, payload), adm.request_timeout_s)
+        except TimeoutError:
+            log.warning("request %s timed out after %.1f s (route %s)", request_id, adm.request_timeout_s,
+                        decision.route)
+            raise RequestError(504, f"the request took longer than {adm.request_timeout_s:g} s; "
+                                    "try again later or ask for fewer steps or images") from None
+        except Unavailable as e:
+            log.warning("request %s unavailable (route %s): %s %s", request_id, decision.route, e.reason, e.detail)
+            raise RequestError(503, e.reason, retry_after_s=adm.retry_after_s if e.retry else None) from None
+        except MTNError as e:  # a translator/pipeline that does not load: the deployment's fault, not the user's
+            log.error("request %s: route %s failed: %s", request_id, decision.route, e)
+            raise RequestError(503, f"route {decision.route!r} is unavailable; see the service log "
+                                    f"(request id {request_id})", retry_after_s=adm.retry_after_s) from None
         timings = {"route_ms": (t1 - t0) * 1000, **out.get("timings", {}),
                    "total_ms": (time.perf_counter() - t0) * 1000}
-        translator = NATIVE if decision.route == NATIVE else self.args.translators[decision.route]
         return {"images": out["images"], "seed": r["seed"], "timings": timings, "batch": out.get("batch", {}),
-                "route": {**decision.to_dict(), "translator": translator}}
+                "route": decision.to_dict()}
 
     def languages(self) -> dict[str, Any]:
         routes = {code: self.router.route_for_language(code) for code in self.router.supported() if code != "*"}
-        return {"routes": routes, "translators": dict(self.args.translators), "english_route": self.args.english_route,
+        return {"routes": routes, "translators": sorted(self.args.translators), "english_route": self.args.english_route,
                 "hybrid_route": self.router.hybrid_route, "fallback_route": self.args.fallback_route,
                 "detected_languages": sorted(_code(lang) for lang in self.router._languages)}
 

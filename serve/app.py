@@ -3,50 +3,33 @@
     serve run serve.app:build_app ...          # or: serve deploy serve/config.yaml ; or RayService (helm/)
     python -m serve                            # local default, tiny models, 127.0.0.1:8000
 
-The Ingress validates, detects the language and picks a route; the call reaches a Generator replica with
-`multiplexed_model_id=<route>`, so requests for a translator go to replicas that already hold it (LRU,
-`max_translators_per_replica`). `@serve.batch` gathers concurrent requests; those that agree on size, steps
-and guidance share one denoising loop. Replicas, resources and autoscaling are Serve deployment options
-(serve/config.yaml `deployments:`); everything else is the app's `args` (serve/config.py).
-"""
+The Ingress checks keys, body size and limits, detects the language and picks a route; the call reaches a
+Generator replica with `multiplexed_model_id=<route>`, so requests for a translator go to replicas that already
+hold it (LRU, `max_translators_per_replica`). `@serve.batch` gathers concurrent requests; those that agree on
+size, steps and guidance share denoising loops of at most `batching.max_batch_pixels`.
 
+Overload: the Generator's queue at each Ingress is bounded (`admission.max_queued_requests`); one request more
+raises Ray's BackPressureError at the Ingress's handle call, which answers its own JSON 503 + Retry-After at
+once. /healthz and the page never touch the Generator, so they answer while it is saturated. Replicas, resources
+and autoscaling are Serve deployment options (serve/config.yaml `deployments:`); the rest is the app's `args`.
+"""
 
 import asyncio
 import logging
 import time
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve.api import PAGE, GenerateRequest, GenerateResponse, RequestError, Service
+from mtn.errors import MTNError
+from serve.api import Service, Unavailable
 from serve.config import NATIVE, AppArgs
 from serve.generator import GeneratorCore
+from serve.web import load_api_keys, make_api
 
 log = logging.getLogger("mtn.serve")
-api = FastAPI(title="MTN multilingual text-to-image", version="0.1.0",
-              description="Prompts in any routed language -> images from a diffusion model through MTN translators.")
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    # the offending input is not echoed back: it may be megabytes, or not JSON-serialisable
-    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
-    msg = "; ".join(f"{'.'.join(str(p) for p in d['loc'][1:]) or 'body'}: {d['msg']}" for d in detail[:5])
-    return JSONResponse({"error": f"invalid request: {msg}", "detail": detail}, status_code=422)
-
-
-@api.exception_handler(RequestError)
-async def _request_error(_request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-@api.exception_handler(Exception)
-async def _internal(_request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error")
-    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the replica log"}, status_code=500)
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
@@ -65,10 +48,19 @@ class Generator:
             load_translator)
 
     async def generate(self, request: dict) -> dict:
+        """The images, or {"error": "unavailable" | "out_of_memory", "detail": for the log}: expected failures
+        come back as values, so no remote traceback has to be taken apart at the Ingress."""
         route = serve.get_multiplexed_model_id() or NATIVE
         t0 = time.perf_counter()
-        translator = await self._translator(route)  # cached per replica after the first request of a route
+        try:
+            translator = await self._translator(route)  # cached per replica after the first request of a route
+        except MTNError as e:
+            log.error("route %s does not load: %s", route, e)
+            return {"error": "unavailable", "detail": str(e)}
         out = await self._batched((translator, request))
+        if "error" in out:
+            return {"error": out["error"], "detail": f"route {route}, {request['num_images']} x "
+                                                      f"{request['width']}x{request['height']}"}
         return {"images": out["images"], "batch": {"images": out["batch_images"], "requests": out["batch_requests"]},
                 "timings": {"encode_ms": out["encode_ms"], "generate_ms": out["generate_ms"],
                             "queue_ms": (time.perf_counter() - t0) * 1000 - out["encode_ms"] - out["generate_ms"]}}
@@ -77,42 +69,64 @@ class Generator:
     async def _batched(self, items: list[tuple]) -> list[dict]:
         return await asyncio.to_thread(self.core.run, items)
 
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising marks the replica unhealthy (restarted)."""
+        await asyncio.to_thread(self.core.check_health, 2 * self.args.admission.request_timeout_s)
+
 
 class _HandleBackend:
+    """serve.api.Backend over the Generator's handle: Ray's failures become `Unavailable` (plain reasons)."""
+
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
     async def generate(self, route: str, request: dict) -> dict:
-        return await self.handle.options(multiplexed_model_id=route).generate.remote(request)
+        response = self.handle.options(multiplexed_model_id=route).generate.remote(request)
+        try:
+            out = await response
+        except asyncio.CancelledError:  # the Ingress's timeout: the Generator need not finish it
+            response.cancel()
+            raise
+        except BackPressureError as e:
+            raise Unavailable("the service is at capacity; retry after the Retry-After delay", str(e)) from None
+        except (RayActorError, DeploymentUnavailableError) as e:
+            raise Unavailable("the image generator is restarting; retry shortly", str(e).splitlines()[0]) from None
+        return raise_for_error(out)
+
+
+def raise_for_error(out: dict) -> dict:
+    """A Generator answer -> itself, or `Unavailable` for its error values."""
+    if out.get("error") == "out_of_memory":
+        raise Unavailable("the generator ran out of memory for this batch; retry, or ask for fewer or smaller "
+                          "images", out.get("detail", ""))
+    if out.get("error") == "unavailable":
+        raise MTNError(out.get("detail", "route unavailable"))
+    return out
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
-@serve.ingress(api)
+@serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, args: dict):
-        self.service = Service(AppArgs.model_validate(args), _HandleBackend(generator))
+        args = AppArgs.model_validate(args)
+        self.api_keys = load_api_keys(args.auth)  # MTNError: the replica does not start, with that message
+        log.info("API keys: %s", f"{len(self.api_keys)} configured" if self.api_keys else "off")
+        self.service = Service(args, _HandleBackend(generator))
         _ = self.service.router.detector  # load the language models now, not on the first request
 
-    @api.post("/v1/generate", response_model=GenerateResponse,
-              responses={422: {"description": "invalid request or unsupported language"},
-                         503: {"description": "the route's translator cannot be loaded"}})
-    async def generate(self, body: GenerateRequest) -> dict:
-        return await self.service.generate(body)
-
-    @api.get("/v1/languages")
-    async def languages(self) -> dict:
-        return self.service.languages()
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
-
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page(self) -> str:
-        return PAGE
+    async def __serve_build_asgi_app__(self):
+        """Serve builds the ASGI app per replica after __init__: the routes close over this replica's config."""
+        return make_api(self.service, self.api_keys)
 
 
-def build_app(args: dict) -> serve.Application:
-    """`import_path: serve.app:build_app`; `args` = serve.config.AppArgs (validated here, before any replica)."""
-    cfg = AppArgs.model_validate(args).model_dump()
-    return Ingress.bind(Generator.bind(cfg), cfg)
+def build_app(args: dict, generator_options: dict | None = None, ingress_options: dict | None = None
+              ) -> serve.Application:
+    """`import_path: serve.app:build_app`; `args` = serve.config.AppArgs (validated here, before any replica).
+    `*_options`: extra Serve deployment options (tests); serve/config.yaml `deployments:` override both."""
+    a = AppArgs.model_validate(args)
+    cfg = a.model_dump()
+    generator = Generator.options(max_queued_requests=a.admission.max_queued_requests, **(generator_options or {}))
+    ingress = Ingress.options(max_queued_requests=a.admission.ingress_max_queued_requests,
+                              backpressure_config={"retry_after_s": a.admission.retry_after_s},
+                              **(ingress_options or {}))
+    return ingress.bind(generator.bind(cfg), cfg)

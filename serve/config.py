@@ -22,6 +22,8 @@ class Limits(BaseModel):
     max_steps: int = Field(100, ge=1, le=1000)
     max_images: int = Field(4, ge=1, le=64)
     max_guidance_scale: float = Field(30.0, gt=0, le=100)
+    # -- width x height x num_images of one request; above it the request is a 422 (it could never run)
+    max_request_pixels: int = Field(4 * 512 * 512, ge=64, le=2**31)
 
 
 class Batching(BaseModel):
@@ -30,6 +32,40 @@ class Batching(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
+    # -- sum of width x height x num_images over one pipeline call: a merged batch above it is split into
+    #    several calls (never run whole); >= limits.max_request_pixels so any admitted request fits alone
+    max_batch_pixels: int = Field(8 * 512 * 512, ge=64, le=2**31)
+
+
+class Admission(BaseModel):
+    """Load shedding: what the service admits, and how long an admitted request may take."""
+
+    model_config = ConfigDict(extra="forbid")
+    # -- requests waiting for a Generator slot at each Ingress replica (Ray Serve `max_queued_requests` of the
+    #    Generator deployment); one more is answered at once with a JSON 503 + Retry-After. A replica holds
+    #    `max_ongoing_requests` (deployment option) more, so a service admits replicas x ongoing + this.
+    max_queued_requests: int = Field(16, ge=1, le=10000)
+    # -- the Ingress's own bound (requests waiting at the HTTP proxy for an Ingress slot); the proxy answers
+    #    them with Ray's plain-text 503 + Retry-After, so keep it well above max_queued_requests
+    ingress_max_queued_requests: int = Field(256, ge=1, le=100000)
+    # -- seconds an admitted request may wait + run before a JSON 504; set http_options.request_timeout_s
+    #    above it (the proxy's own timeout answers a plain 408)
+    request_timeout_s: float = Field(120.0, gt=0, le=3600)
+    # -- the Retry-After header (seconds) of 503 answers
+    retry_after_s: int = Field(1, ge=0, le=3600)
+    # -- largest request body accepted; larger ones are a JSON 413 (read no further)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class Auth(BaseModel):
+    """Optional API keys: `Authorization: Bearer <key>` on /v1/*; /healthz, the page and /docs stay open."""
+
+    model_config = ConfigDict(extra="forbid")
+    # -- environment variable holding the accepted keys, comma-separated (the chart fills it from a Secret);
+    #    unset or empty -> auth is off
+    api_keys_env: str = Field("MTN_API_KEYS", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # -- true: an empty/unset variable is a start-up error instead of "auth off"
+    required: bool = False
 
 
 class Defaults(BaseModel):
@@ -67,6 +103,8 @@ class AppArgs(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     batching: Batching = Field(default_factory=Batching)
     defaults: Defaults = Field(default_factory=Defaults)
+    admission: Admission = Field(default_factory=Admission)
+    auth: Auth = Field(default_factory=Auth)
 
     @field_validator("scheduler")
     @classmethod
@@ -88,6 +126,9 @@ class AppArgs(BaseModel):
             if route is not None and route != NATIVE and route not in self.translators:
                 raise ValueError(f"{name}={route!r} is neither 'native' nor a key of translators "
                                  f"({sorted(self.translators)})")
+        if self.limits.max_request_pixels > self.batching.max_batch_pixels:
+            raise ValueError(f"limits.max_request_pixels={self.limits.max_request_pixels} is above "
+                             f"batching.max_batch_pixels={self.batching.max_batch_pixels}: such a request could never run")
 
 
 SCHEDULERS = {"default", "ddim", "pndm", "dpm"}

@@ -3,6 +3,10 @@
 A batch of requests is encoded with one text-encoder call per route, then requests that agree on size,
 steps, guidance and sequence length run as ONE pipeline call. Each image has its own generator seeded from the
 request, so an image is the same whether it ran alone or in a batch of 8.
+
+A pipeline call holds at most `batching.max_batch_pixels` (width x height x images): a larger group of
+compatible requests is split into several calls. An out-of-memory error fails only the requests of the call
+that raised it (their result is {"error": "out_of_memory"}); the replica frees the cache and goes on.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +26,9 @@ from mtn.pipeline import load_pipeline, run_pipeline, text_embeddings
 from mtn.translator import load_translator
 from mtn.uris import fetch_folder
 from serve.config import NATIVE, AppArgs
+
+log = logging.getLogger("mtn.serve")
+PROBE_SIZE = 64  # px: the health probe's image (8x8 latents), one step
 
 
 @dataclass
@@ -38,6 +46,30 @@ class Job:
         """Jobs with equal keys can share a pipeline call."""
         return (self.width, self.height, self.num_inference_steps, float(self.guidance_scale),
                 tuple(self.prompt_embeds.shape[1:]))
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * len(self.seeds)
+
+
+def split_by_pixels(idx: list[int], jobs: list[Job], budget: int) -> list[list[int]]:
+    """Consecutive chunks of `idx` whose jobs hold <= budget pixels together (a job alone may exceed it:
+    the Ingress refuses such requests, and the core still runs one alone rather than drop it)."""
+    chunks: list[list[int]] = []
+    used = budget + 1
+    for i in idx:
+        if used + jobs[i].pixels > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += jobs[i].pixels
+    return chunks
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA (torch.OutOfMemoryError) or a CPU allocator's failure to allocate."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "can't allocate memory" in str(e).lower()))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,6 +89,7 @@ class GeneratorCore:
                                   self.dtype, args.scheduler)
         # a pipeline call keeps per-call state (scheduler timesteps, PNDM history, guidance): one call at a time
         self._lock = threading.Lock()
+        self._busy_since: float | None = None  # perf_counter() when the running pipeline call began
 
     def load_translator(self, route: str):
         """None for the native route; else the translator behind `route` (raises MTNError when unusable)."""
@@ -92,30 +125,77 @@ class GeneratorCore:
 
     def run(self, items: list[tuple[object, dict]]) -> list[dict]:
         """One result per (translator, request): {"images": [base64 PNG], "batch_images", "batch_requests",
-        "encode_ms", "generate_ms"}. Requests that agree on Job.key share one pipeline call."""
+        "encode_ms", "generate_ms"}, or {"error": "out_of_memory"} for the requests of a call that ran out of
+        memory. Requests that agree on Job.key share pipeline calls of <= batching.max_batch_pixels."""
         t = time.perf_counter()
-        jobs = self.make_jobs(items)
+        try:
+            jobs = self.make_jobs(items)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            self._free(e, len(items))
+            return [{"error": "out_of_memory"} for _ in items]
         encode_ms = (time.perf_counter() - t) * 1000
         results: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(i)
-        for idx in groups.values():
-            group = [jobs[i] for i in idx]
-            t = time.perf_counter()
-            with self._lock, torch.inference_mode():
-                images = run_pipeline(
+        for same_key in groups.values():
+            for idx in split_by_pixels(same_key, jobs, self.args.batching.max_batch_pixels):
+                group = [jobs[i] for i in idx]
+                t = time.perf_counter()
+                try:
+                    images = self._pipeline_call(group)
+                except Exception as e:
+                    if not is_oom(e):
+                        raise
+                    self._free(e, len(idx))
+                    for i in idx:
+                        results[i] = {"error": "out_of_memory"}
+                    continue
+                ms = (time.perf_counter() - t) * 1000
+                start = 0
+                for i, job in zip(idx, group, strict=True):
+                    n = len(job.seeds)
+                    results[i] = {"images": [png_base64(im) for im in images[start:start + n]],
+                                  "encode_ms": encode_ms, "batch_images": len(images),
+                                  "batch_requests": len(group), "generate_ms": ms}
+                    start += n
+        return results
+
+    def _pipeline_call(self, group: list[Job]) -> list:
+        with self._lock, torch.inference_mode():
+            self._busy_since = time.perf_counter()
+            try:
+                return run_pipeline(
                     self.pipe, torch.cat([j.prompt_embeds for j in group]),  # [sum n, S_t, d_t]
                     torch.cat([j.negative_prompt_embeds for j in group]), [s for j in group for s in j.seeds],
                     group[0].num_inference_steps, group[0].guidance_scale, group[0].width, group[0].height)
-            ms = (time.perf_counter() - t) * 1000
-            start = 0
-            for i, job in zip(idx, group, strict=True):
-                n = len(job.seeds)
-                results[i] = {"images": [png_base64(im) for im in images[start:start + n]], "encode_ms": encode_ms,
-                              "batch_images": len(images), "batch_requests": len(group), "generate_ms": ms}
-                start += n
-        return results
+            finally:
+                self._busy_since = None
+
+    def _free(self, e: BaseException, n: int) -> None:
+        log.error("out of memory in a batch of %d requests; failing them and freeing the cache: %s", n,
+                  str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def check_health(self, max_busy_s: float) -> None:
+        """Raises when the pipeline does not answer: a one-step probe image when idle; when a call is running,
+        only that it has run for less than max_busy_s (a probe would wait for the lock)."""
+        if not self._lock.acquire(blocking=False):
+            since = self._busy_since
+            if since is not None and time.perf_counter() - since > max_busy_s:
+                raise RuntimeError(f"a pipeline call has run for over {max_busy_s:.0f} s")
+            return
+        try:
+            with torch.inference_mode():
+                pos, neg = text_embeddings(self.pipe, None, [""], [""])  # [1, 77, d] each
+                images = run_pipeline(self.pipe, pos, neg, [0], 1, 1.0, PROBE_SIZE, PROBE_SIZE)
+        finally:
+            self._lock.release()
+        if len(images) != 1 or images[0].size != (PROBE_SIZE, PROBE_SIZE):
+            raise RuntimeError("the health probe's pipeline call returned no image")
 
 
 _NO_LOCK = contextlib.nullcontext()

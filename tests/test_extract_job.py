@@ -90,5 +90,8 @@ def test_extract_to_s3(tmp_path, s3_endpoint):
     assert proc.returncode == 0, log
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="features")["Contents"]]
     assert "tiny/train/manifest.json" in keys and any(k.endswith(".safetensors") for k in keys)
+    manifest = json.loads(boto3.client("s3").get_object(Bucket="features", Key="tiny/train/manifest.json")["Body"].read())
+    assert all(s["file"].startswith("gen-") and len(s["sha256"]) == 64 for s in manifest["shards"])  # checksummed
+    assert {k for k in keys if k.endswith(".safetensors")} == {f"tiny/train/{s['file']}" for s in manifest["shards"]}
     rows = load_features("s3://features/tiny/train")
     assert rows["source"].shape == (96, 48, 32) and rows["target"].shape == (96, 77, 48)

@@ -37,7 +37,7 @@ def write_cache(url, cfg, pairs, rows):
     shards = []
     for lo, hi in ((25, 40), (0, 25)):
         part = {k: v[lo:hi] for k, v in rows.items()}
-        shards.append(write_shard(url, {"index": torch.arange(lo, hi), **part}, torch.float16))
+        shards.append(write_shard(url, {"index": torch.arange(lo, hi), **part}, torch.float16, generation="gen-t"))
     dims = {"source_len": cfg.source_max_length, "target_len": cfg.target_max_length,
             "source_dim": rows["source"].shape[-1], "target_dim": rows["target"].shape[-1]}
     return write_manifest(url, expected_record(cfg, pairs, [cfg.corpus]), shards, dims, "float16")
@@ -47,7 +47,8 @@ def test_cache_round_trip_equals_direct_forward(tmp_path, tiny_rows):
     cfg, pairs, rows = tiny_rows
     manifest = write_cache(str(tmp_path / "c"), cfg, pairs, rows)
     assert manifest["num_rows"] == 40 and [s["file"] for s in manifest["shards"]] == [
-        "shard-00000000.safetensors", "shard-00000025.safetensors"]
+        "gen-t/shard-00000000.safetensors", "gen-t/shard-00000025.safetensors"]
+    assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
     checked = check_cache(str(tmp_path / "c"), expected_record(cfg, pairs, [cfg.corpus]))
     got = load_features(str(tmp_path / "c"), checked)
     for k in ("source_mask", "target_mask"):
@@ -89,7 +90,7 @@ def test_mismatched_or_incomplete_cache_is_refused(tmp_path, tiny_rows):
     with pytest.raises(MTNError, match=r"corpus.num_pairs: cache has 40"):
         check_cache(url, expected_record(cfg, pairs[:30], [cfg.corpus]))
     # a shard gone missing, an extraction that never wrote its manifest, a foreign manifest
-    (tmp_path / "c" / "shard-00000025.safetensors").unlink()
+    (tmp_path / "c" / "gen-t" / "shard-00000025.safetensors").unlink()
     with pytest.raises(MTNError, match="shard-00000025.safetensors listed in the manifest is missing"):
         load_features(url)
     (tmp_path / "c" / "manifest.json").unlink()

@@ -1,6 +1,7 @@
 """The Helm chart helm/mtn-serve, offline: lint, renders of several value sets (each RayService checked against the
 strict KubeRay v1.7.0 CRD, the operator rules, Ray Serve's ServeDeploySchema and serve.config.AppArgs; built-in
-kinds with kubernetes-validate --strict), install --dry-run=client, and bad values that must be refused.
+kinds with kubernetes-validate --strict; every object against the project policy of scripts/pod_security.py),
+install --dry-run=client, and bad values that must be refused. The security rules one by one: test_helm_security.py.
 
 Helm comes from scripts/get_helm.sh (.tools/bin/helm) or $HELM; without it these tests skip, or fail when CI=true.
 """
@@ -64,8 +65,15 @@ VALUE_SETS = {
                        "worker": {"replicas": 2, "minReplicas": 2, "maxReplicas": 2},
                        "generator": {"replicas": 2, "autoscaling": {"enabled": False}}},
     "full": {"fullnameOverride": LONG,
-             "image": {"digest": "sha256:" + "a" * 64},
-             "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/mtn"}},
+             "image": {"tag": "", "digest": "sha256:" + "a" * 64},
+             "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/mtn"},
+                                "worker": {"annotations": {"example.com/models": "read"}}},
+             "rayAuth": {"existingSecret": "mtn-ray-token"},
+             "auth": {"apiKeys": {"enabled": True, "existingSecret": "mtn-api-keys"}},
+             "networkPolicy": {"serve": {"namespaces": ["ingress-nginx", "gateway"], "podLabels": {"mtn-client": "true"},
+                                         "from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}]},
+                               "metrics": {"from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}},
+             "podDisruptionBudget": {"minAvailable": None, "maxUnavailable": "50%"},
              "translators": {"de": "s3://mtn-models/translators/de", "fr": "models:/mtn-fr/3",
                              "multi": "models:/mtn-translator-multi/1"},
              "routes": {"english": "native", "hybrid": "multi", "fallback": "multi"},
@@ -76,8 +84,15 @@ VALUE_SETS = {
              "head": {"nodeSelector": {"kubernetes.io/arch": "amd64"}},
              "worker": {"gpus": 2, "maxReplicas": 2},
              "generator": {"numGpus": 0.5, "autoscaling": {"maxReplicas": 8}},
-             "batching": {"maxBatchSize": 4, "batchWaitTimeoutS": 0.1}},
-    "existing-sa": {"serviceAccount": {"create": False, "name": "mtn-existing"}},
+             # 8 Generator replicas x 16 ongoing + 32 queued = 160 admitted per Ingress replica: it needs more slots
+             "serveIngress": {"maxOngoingRequests": 161},
+             "admission": {"maxQueuedRequests": 32, "ingressMaxQueuedRequests": 512, "requestTimeoutS": 300.5,
+                           "retryAfterS": 5, "maxBodyBytes": 131072},
+             "httpOptions": {"requestTimeoutS": 330},
+             "limits": {"maxRequestPixels": 524288},
+             "batching": {"maxBatchSize": 4, "batchWaitTimeoutS": 0.1, "maxBatchPixels": 4194304}},
+    "existing-sa": {"serviceAccount": {"create": False, "head": {"name": "mtn-head"}, "worker": {"name": "mtn-existing"}},
+                    "networkPolicy": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
 }
 
 
@@ -175,8 +190,8 @@ def test_lint_strict(helm_bin, tmp_path, name):
 def test_render_validates(rendered, crds, name):
     docs = rendered[name]
     kinds = sorted(d["kind"] for d in docs)
-    expected = ["RayService"] + (["ServiceAccount"] if name != "existing-sa" else []) \
-        + (["Ingress"] if name == "ingress" else [])
+    expected = ["RayService"] + (["Ingress"] if name == "ingress" else []) + (
+        ["ServiceAccount", "ServiceAccount", "NetworkPolicy", "PodDisruptionBudget"] if name != "existing-sa" else [])
     assert kinds == sorted(expected)
     for obj in docs:
         checked, errors = vk.object_errors(obj, crds=crds)
@@ -203,7 +218,8 @@ def test_default_render(rendered):
     gen, ingress = app["deployments"]
     assert gen["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
     assert gen["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 4} and "num_replicas" not in gen
-    assert ingress == {"name": "Ingress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
+    assert ingress == {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 128,
+                       "ray_actor_options": {"num_cpus": 1}}
     assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     head, (worker,) = groups(rs)
     pod = worker["template"]["spec"]
@@ -211,13 +227,41 @@ def test_default_render(rendered):
     assert pod["tolerations"] == [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["containers"][0]["resources"]["limits"][GPU] == 1
     assert GPU not in str(head["template"]["spec"]["containers"][0]["resources"])
-    for spec in (head["template"]["spec"], pod):
+    for kind, spec in (("head", head["template"]["spec"]), ("worker", pod)):
         c = spec["containers"][0]
-        assert spec["serviceAccountName"] == "mtn-serve"
+        assert spec["serviceAccountName"] == f"mtn-serve-{kind}" and spec["automountServiceAccountToken"] is False
         assert spec["securityContext"]["runAsUser"] == 1000 and c["securityContext"]["readOnlyRootFilesystem"]
         assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp", "/tmp/ray", "/home/ray/.cache"}
         assert c["image"] == "ghcr.io/mtn-platform/mtn-serve:0.1.0"
         assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mtn-mlflow:5000"} in c["env"]
+
+
+def test_defaults_match_the_serve_config(rendered):
+    """The chart's defaults are serve/config.yaml's: the app args overload values (= serve.config's defaults),
+    the proxy timeout and the Ingress's slots; max_queued_requests is left to build_app (args.admission)."""
+    from serve.config import Admission, AppArgs, Batching, Limits
+
+    (rs,) = by_kind(rendered["defaults"], "RayService")
+    config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    app = config["applications"][0]
+    args = AppArgs.model_validate(app["args"])
+    assert args.admission == Admission()
+    assert args.limits.max_request_pixels == Limits().max_request_pixels == 4 * 512 * 512
+    assert args.batching.max_batch_pixels == Batching().max_batch_pixels == 8 * 512 * 512
+    ref = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    ref_app = ref["applications"][0]
+    assert app["args"]["admission"] == ref_app["args"]["admission"]
+    assert app["args"]["limits"]["max_request_pixels"] == ref_app["args"]["limits"]["max_request_pixels"]
+    assert app["args"]["batching"]["max_batch_pixels"] == ref_app["args"]["batching"]["max_batch_pixels"]
+    assert config["http_options"] == {"request_timeout_s": ref["http_options"]["request_timeout_s"]} == {
+        "request_timeout_s": 150}
+    ref_deps = {d["name"]: d for d in ref_app["deployments"]}
+    for dep in app["deployments"]:
+        assert dep["max_ongoing_requests"] == ref_deps[dep["name"]]["max_ongoing_requests"]
+        assert "max_queued_requests" not in dep  # would override build_app's value from args.admission
+    # every field of the nested arg models is rendered (a new serve.config field must reach the chart too)
+    for section in ("limits", "batching", "defaults", "admission"):
+        assert set(app["args"][section]) == set(type(getattr(args, section)).model_fields), section
 
 
 def test_ingress_render(rendered):
@@ -249,18 +293,29 @@ def test_fixed_replicas_render(rendered):
 def test_full_render(rendered):
     docs = rendered["full"]
     (rs,) = by_kind(docs, "RayService")
-    (sa,) = by_kind(docs, "ServiceAccount")
-    assert rs["metadata"]["name"] == LONG[:47].rstrip("-") and sa["metadata"]["name"] == LONG
-    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    head_sa, worker_sa = by_kind(docs, "ServiceAccount")
+    assert rs["metadata"]["name"] == LONG[:47].rstrip("-")
+    assert (head_sa["metadata"]["name"], worker_sa["metadata"]["name"]) == (LONG[:58].rstrip("-") + "-head", LONG[:56].rstrip("-") + "-worker")
+    for sa in (head_sa, worker_sa):
+        assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    assert "example.com/models" in worker_sa["metadata"]["annotations"]
+    assert "example.com/models" not in head_sa["metadata"]["annotations"]
+    assert all(len(d["metadata"]["name"]) <= 63 for d in docs)
     args = serve_app(rs)["args"]
     assert set(args["translators"]) == {"de", "fr", "multi"} and args["fallback_route"] == "multi"
-    assert args["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.1}
+    assert args["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.1, "max_batch_pixels": 4194304}
+    assert args["limits"]["max_request_pixels"] == 524288
+    assert args["admission"] == {"max_queued_requests": 32, "ingress_max_queued_requests": 512,
+                                 "request_timeout_s": 300.5, "retry_after_s": 5, "max_body_bytes": 131072}
+    config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    assert config["http_options"] == {"request_timeout_s": 330}
+    assert config["applications"][0]["deployments"][1]["max_ongoing_requests"] == 161
     head, (worker,) = groups(rs)
     c = worker["template"]["spec"]["containers"][0]
     assert c["image"] == "ghcr.io/mtn-platform/mtn-serve@sha256:" + "a" * 64
     assert c["resources"]["limits"][GPU] == 2
     names = [e["name"] for e in c["env"]]
-    assert names == ["MLFLOW_TRACKING_URI", "AWS_REGION", "HF_HOME", "MTN_LOG_LEVEL", "TOKEN"]
+    assert names == ["MLFLOW_TRACKING_URI", "AWS_REGION", "HF_HOME", "MTN_API_KEYS", "MTN_LOG_LEVEL", "TOKEN"]
     assert c["envFrom"] == [{"secretRef": {"name": "mtn-aws", "optional": True}}]
     assert head["template"]["spec"]["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
 
@@ -268,7 +323,7 @@ def test_full_render(rendered):
 def test_existing_service_account(rendered):
     (rs,) = by_kind(rendered["existing-sa"], "RayService")
     head, (worker,) = groups(rs)
-    assert head["template"]["spec"]["serviceAccountName"] == "mtn-existing"
+    assert head["template"]["spec"]["serviceAccountName"] == "mtn-head"
     assert worker["template"]["spec"]["serviceAccountName"] == "mtn-existing"
 
 
@@ -318,6 +373,45 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
     (["--set-json", "scratchVolumes=[]"], ["no scratchVolumes entry mounts /tmp"]),
     (["--set-json", 'scratchVolumes=[{"name":"tmp","mountPath":"/tmp"},{"name":"logs","mountPath":"/tmp/ray"}]'],
      ["the /tmp/ray volume must be named ray-logs"]),
+    # issue 13: the cluster's security values (the rules themselves: test_helm_security.py)
+    (["--set", "image.tag="], [SCHEMA_ERROR, "/image/tag", "minLength"]),
+    (["--set", "image.tag=v1:bad"], [SCHEMA_ERROR, "/image/tag"]),
+    (["--set", "serviceAccount.name=mtn"], [SCHEMA_ERROR, "'name' not allowed"]),
+    (["--set", "auth.apiKeys.enabled=true"], [SCHEMA_ERROR, "/auth/apiKeys/existingSecret", "minLength"]),
+    (["--set", "rayAuth.existingSecret=Ray_Token"], [SCHEMA_ERROR, "/rayAuth/existingSecret"]),
+    (["--set-json", "networkPolicy.serve.from=[{}]"], [SCHEMA_ERROR, "/networkPolicy/serve/from/0", "minProperties"]),
+    (["--set-json", 'networkPolicy.serve.namespaces=["Ingress NGINX"]'], [SCHEMA_ERROR, "/networkPolicy/serve/namespaces/0"]),
+    (["--set", "podDisruptionBudget.minAvailable=-1"], [SCHEMA_ERROR, "/podDisruptionBudget/minAvailable"]),
+    (["--set", "podDisruptionBudget.maxUnavailable=1"], ["set minAvailable or maxUnavailable, not both"]),
+    (["--set", "podDisruptionBudget.minAvailable=null"], ["podDisruptionBudget.enabled needs minAvailable or maxUnavailable"]),
+    (["--set-json", 'extraEnv=[{"name":"RAY_AUTH_MODE","value":"disabled"}]'], ["extraEnv: RAY_AUTH_MODE is set by the chart"]),
+    (["--set-json", 'extraEnv=[{"name":"MTN_API_KEYS","value":"k"}]'], ["extraEnv: MTN_API_KEYS is set by the chart"]),
+    (["--set", "worker.podLabels.app\\.kubernetes\\.io/component=x"],
+     ["worker.podLabels must not set app.kubernetes.io/component"]),
+    (["--set", "commonLabels.app\\.kubernetes\\.io/instance=x"], ["commonLabels must not set app.kubernetes.io/instance"]),
+    (["--set-json", 'networkPolicy.operator.from=[{"namespaceSelector":{}}]'],
+     ["networkPolicy.operator.from[0] needs a podSelector with labels"]),
+    (["--set", "serviceAccount.head.name=mtn,serviceAccount.worker.name=mtn"],
+     ["serviceAccount.head.name and serviceAccount.worker.name are equal"]),
+    # issue 13: overload values (serve.config.Admission; the proxy timeout; the Ingress's slots)
+    (["--set", "admission.maxQueuedRequests=0"], [SCHEMA_ERROR, "/admission/maxQueuedRequests", "minimum"]),
+    (["--set", "admission.maxBodyBytes=100"], [SCHEMA_ERROR, "/admission/maxBodyBytes", "minimum"]),
+    (["--set", "admission.queue=1"], [SCHEMA_ERROR, "'queue' not allowed"]),
+    (["--set", "httpOptions.requestTimeoutS=0"], [SCHEMA_ERROR, "/httpOptions/requestTimeoutS"]),
+    (["--set", "httpOptions.requestTimeoutS=120"],
+     ["httpOptions.requestTimeoutS (120) must be above admission.requestTimeoutS (120)"]),
+    (["--set-json", "admission.requestTimeoutS=150.5"],
+     ["httpOptions.requestTimeoutS (150) must be above admission.requestTimeoutS (150.5)"]),
+    # autoscaling: 4 max replicas x 28 + 16 = 128 admitted, not below the Ingress's 128 slots
+    (["--set", "generator.maxOngoingRequests=28"],
+     ["serveIngress.maxOngoingRequests (128) must be above 128 = Generator max replicas (4) x "
+      "generator.maxOngoingRequests (28) + admission.maxQueuedRequests (16)", "at least 129"]),
+    # fixed replicas: 3 x 16 + 16 = 64
+    (["--set", "generator.autoscaling.enabled=false,generator.replicas=3,serveIngress.maxOngoingRequests=64"],
+     ["serveIngress.maxOngoingRequests (64) must be above 64 = Generator max replicas (3)"]),
+    (["--set", "admission.maxQueuedRequests=100"], ["serveIngress.maxOngoingRequests (128) must be above 164"]),
+    (["--set", "limits.maxRequestPixels=2097153"],
+     ["limits.maxRequestPixels (2097153) must be <= batching.maxBatchPixels (2097152)"]),
 ])
 def test_bad_values_are_refused(helm_bin, args, expected):
     for command in (["template", "mtn-serve", str(CHART)], ["install", "mtn-serve", str(CHART), "--dry-run=client"]):
@@ -329,10 +423,7 @@ def test_bad_values_are_refused(helm_bin, args, expected):
         assert run_helm(helm_bin, "lint", "--strict", str(CHART), *args).returncode != 0
 
 
-def test_plain_rayservice_matches_the_chart(helm_bin):
-    proc = run_helm(helm_bin, "template", "mtn-serve", str(CHART), "--show-only", "templates/rayservice.yaml")
-    assert proc.returncode == 0, proc.stderr
-    (chart_rs,) = vk.load_docs(proc.stdout)
-    (plain_rs,) = vk.load_docs((REPO / "k8s" / "rayservice.yaml").read_text())
-    assert plain_rs == chart_rs, ("k8s/rayservice.yaml drifted from the chart; regenerate it with: .tools/bin/helm "
-                                  "template mtn-serve helm/mtn-serve --show-only templates/rayservice.yaml")
+def test_plain_rayservice_matches_the_chart(rendered):
+    plain = vk.load_docs((REPO / "k8s" / "rayservice.yaml").read_text())
+    assert plain == rendered["defaults"], ("k8s/rayservice.yaml drifted from the chart; regenerate it with: "
+                                           ".tools/bin/helm template mtn-serve helm/mtn-serve (keep its header)")

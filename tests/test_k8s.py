@@ -19,12 +19,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 import validate_k8s as vk  # noqa: E402
+from pod_security import selector_matches  # noqa: E402
 
 K8S = REPO / "k8s"
 MANIFESTS = {
-    "rayjob-train-mtn.yaml": ["ServiceAccount", "RayJob"],
-    "rayjob-finetune-unet.yaml": ["ServiceAccount", "RayJob"],
-    "rayservice.yaml": ["RayService"],
+    "rayjob-train-mtn.yaml": ["ServiceAccount", "ServiceAccount", "RayJob", "NetworkPolicy"],
+    "rayjob-finetune-unet.yaml": ["ServiceAccount", "ServiceAccount", "RayJob", "NetworkPolicy"],
+    "rayservice.yaml": ["NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "ServiceAccount", "RayService"],
     "mlflow.yaml": ["ConfigMap", "ServiceAccount", "Deployment", "Service"],
 }
 
@@ -76,6 +77,7 @@ def test_manifest_validates(crds, name):
 def test_train_rayjob():
     job = one("rayjob-train-mtn.yaml", "RayJob")
     spec = job["spec"]
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     assert spec["entrypoint"].startswith("python jobs/train_mtn.py --config jobs/configs/multi30k.yaml ")
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
@@ -224,6 +226,22 @@ JOB_CASES = {  # mutation of the training RayJob -> expected error text
                              "allowPrivilegeEscalation must be false"),
     "capabilities kept": (lambda o: _head_container(o)["securityContext"].pop("capabilities"),
                           "capabilities.drop must include ALL"),
+    # issue 13: Ray token auth and no Kubernetes API tokens
+    "no Ray auth": (lambda o: o["spec"]["rayClusterSpec"].pop("authOptions"), "authOptions.mode must be token"),
+    "Ray auth disabled": (lambda o: o["spec"]["rayClusterSpec"]["authOptions"].update(mode="disabled"),
+                          "authOptions.mode must be token"),
+    "Ray too old for token auth": (lambda o: o["spec"]["rayClusterSpec"].update(rayVersion="2.51.0"),
+                                   "token auth needs rayVersion >= 2.52.0"),
+    "k8s token auth on a RayJob": (lambda o: o["spec"]["rayClusterSpec"]["authOptions"].update(enableK8sTokenAuth=True),
+                                   "KubeRay supports it on a standalone RayCluster only"),
+    "env turns auth off": (lambda o: _head_container(o)["env"].append({"name": "RAY_AUTH_MODE", "value": "disabled"}),
+                           "RAY_AUTH_MODE='disabled' turns Ray token auth off"),
+    "inline token": (lambda o: _worker(o)["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "RAY_AUTH_TOKEN", "value": "abc"}), "RAY_AUTH_TOKEN is inline"),
+    "worker mounts API token": (lambda o: _worker(o)["template"]["spec"].pop("automountServiceAccountToken"),
+                                "workerGroupSpecs[0].template: automountServiceAccountToken must be false"),
+    "submitter mounts API token": (lambda o: o["spec"]["submitterPodTemplate"]["spec"].update(
+        automountServiceAccountToken=True), "spec.submitterPodTemplate: automountServiceAccountToken must be false"),
 }
 
 
@@ -258,6 +276,13 @@ SERVICE_CASES = {
     "bad limit": (lambda o: _serve_config(o, lambda a: a["args"]["limits"].update(max_images=0)),
                   "limits.max_images"),
     "bad upgrade strategy": (lambda o: o["spec"]["upgradeStrategy"].update(type="Rolling"), "is not NewCluster"),
+    "no Ray auth": (lambda o: o["spec"]["rayClusterConfig"].pop("authOptions"),
+                    "spec.rayClusterConfig.authOptions.mode must be token"),
+    "autoscaler without API token": (lambda o: o["spec"]["rayClusterConfig"]["autoscalerOptions"]["volumeMounts"].pop(),
+                                     "the autoscaler needs a projected serviceAccountToken volume"),
+    "head mounts API token": (
+        lambda o: o["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"].update(
+            automountServiceAccountToken=True), "headGroupSpec.template: automountServiceAccountToken must be false"),
 }
 
 
@@ -269,6 +294,50 @@ def test_rayservice_rule_rejects(crds, case):
     mutate(obj)
     errors = errors_of(obj, crds)
     assert any(expected in e for e in errors), errors
+
+
+def test_service_account_rule_rejects(crds):
+    for name in MANIFESTS:
+        for sa in [d for d in load(name) if d["kind"] == "ServiceAccount"]:
+            assert sa["automountServiceAccountToken"] is False and errors_of(sa, crds) == []
+            sa.pop("automountServiceAccountToken")
+            assert any("automountServiceAccountToken must be false" in e for e in errors_of(sa, crds))
+
+
+def test_k8s_token_auth_needs_no_secret_name(crds):
+    """A standalone RayCluster may delegate to Kubernetes tokens, but not together with a token Secret."""
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "c"},
+               "spec": copy.deepcopy(one(JOB, "RayJob")["spec"]["rayClusterSpec"])}
+    cluster["spec"]["authOptions"].update(enableK8sTokenAuth=True)
+    assert errors_of(cluster, crds) == []
+    cluster["spec"]["authOptions"]["secretName"] = "t"
+    assert any("enableK8sTokenAuth and secretName cannot both be set" in e for e in errors_of(cluster, crds))
+
+
+@pytest.mark.parametrize("name", ["rayjob-train-mtn.yaml", "rayjob-finetune-unet.yaml"])
+def test_rayjob_network_policy(name):
+    """The job's NetworkPolicy selects its head and workers; only the job's own pods (submitter included) reach
+    them on any port; the KubeRay operator reaches the dashboard and nothing else; nobody else gets a rule."""
+    job = one(name, "RayJob")
+    policy = one(name, "NetworkPolicy")["spec"]
+    cluster = job["spec"]["rayClusterSpec"]
+    labels = {"head": cluster["headGroupSpec"]["template"]["metadata"]["labels"],
+              "worker": _worker(job)["template"]["metadata"]["labels"],
+              "submitter": job["spec"]["submitterPodTemplate"]["metadata"]["labels"]}
+    other_job = one("rayjob-finetune-unet.yaml" if name == JOB else JOB, "RayJob")
+    other_head = other_job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    assert selector_matches(policy["podSelector"], labels["head"]) and selector_matches(policy["podSelector"],
+                                                                                         labels["worker"])
+    assert not selector_matches(policy["podSelector"], labels["submitter"])
+    own, operator = policy["ingress"]
+    (peer,) = own["from"]
+    assert "ports" not in own and set(peer) == {"podSelector"}  # same namespace only
+    assert all(selector_matches(peer["podSelector"], lab) for lab in labels.values())
+    assert not selector_matches(peer["podSelector"], other_head)  # another job's pods are outsiders
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
+    (op,) = operator["from"]
+    assert op["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
 
 
 def test_raycluster_name_limit_is_53(crds):

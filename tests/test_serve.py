@@ -44,11 +44,12 @@ def call(service, **body):
 def test_defaults_route_and_response(service):
     out = call(service, prompt="ein roter Hund läuft am Strand", seed=5)
     route, req = service.backend.calls[-1]
-    assert route == "de" and out["route"]["translator"] == "/models/de" and out["route"]["language"] == "de"
+    assert route == "de" and out["route"]["route"] == "de" and out["route"]["language"] == "de"
+    assert "translator" not in out["route"] and "/models/" not in repr(out)  # no URIs in answers
     assert req == {"prompt": "ein roter Hund läuft am Strand", "negative_prompt": "", "num_inference_steps": 5,
                    "guidance_scale": 4.0, "width": 64, "height": 64, "seed": 5, "num_images": 1}
     assert out["seed"] == 5 and set(out["timings"]) >= {"route_ms", "generate_ms", "total_ms"}
-    assert call(service, prompt="A photo of an astronaut riding a horse")["route"]["translator"] == "native"
+    assert call(service, prompt="A photo of an astronaut riding a horse")["route"]["route"] == "native"
     # no `hybrid_route` configured: "multi" is used because it exists
     assert call(service, prompt="Eine Katze sitzt auf dem Tisch and a dog sleeps on the floor")["route"]["route"] == "multi"
 
@@ -84,14 +85,15 @@ def test_unsupported_language_and_unavailable_route():
         call(svc, prompt="Пушистый кот спит на подоконнике")
     assert e.value.status == 422
     broken = Service(svc.args, FakeBackend(fail=MTNError("translator folder not found: /x")), svc.router)
-    with pytest.raises(RequestError, match="unavailable: translator folder not found") as e:
+    with pytest.raises(RequestError, match="route 'de' is unavailable; see the service log") as e:
         call(broken, prompt="ein roter Hund läuft am Strand")
-    assert e.value.status == 503
+    assert e.value.status == 503 and "/x" not in e.value.message and e.value.headers() == {"Retry-After": "1"}
 
 
 def test_languages_listing(service):
     out = service.languages()
     assert out["routes"] == {"de": "de", "en": "native"} and out["hybrid_route"] == "multi"
+    assert out["translators"] == ["de", "multi"]  # route names, not their URIs
     assert {"de", "en", "zh", "ja"} <= set(out["detected_languages"])
 
 

@@ -35,12 +35,18 @@ def test_build_app_validates_before_any_replica():
 
 
 def test_python_m_serve_bad_config_is_one_line(tmp_path):
+    import os
     import subprocess
     import sys
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications: [{args: {pipeline: x, scheduler: euler}}]\n")
-    for argv, msg in (([str(tmp_path / "missing.yaml")], "is not a serve config"), ([str(bad)], "invalid app args")):
+    keyless = tmp_path / "keyless.yaml"  # auth required, the key variable empty: refused before Ray starts
+    keyless.write_text("applications: [{args: {pipeline: x, auth: {api_keys_env: MTN_TEST_NO_KEYS, required: true}}}]\n")
+    env = {k: v for k, v in os.environ.items() if k != "MTN_TEST_NO_KEYS"}
+    for argv, msg in (([str(tmp_path / "missing.yaml")], "is not a serve config"), ([str(bad)], "invalid app args"),
+                      ([str(keyless)], "error: auth.required is true but the environment variable MTN_TEST_NO_KEYS "
+                                       "holds no API key")):
         p = subprocess.run([sys.executable, "-m", "serve", "--config", *argv], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
+                           text=True, timeout=120, env=env)
         assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -57,7 +57,7 @@ def png(b64: str):
     return Image.open(io.BytesIO(raw))
 
 
-def test_generate_returns_png_and_route(url):
+def test_generate_returns_png_and_route(url, tiny_serving):
     r = requests.post(f"{url}/v1/generate", json={"prompt": "ein roter Hund läuft am Strand", "seed": 1,
                                                   "num_images": 2}, timeout=120)
     assert r.status_code == 200, r.text
@@ -66,7 +66,7 @@ def test_generate_returns_png_and_route(url):
     assert body["route"]["route"] == "de" and body["route"]["language"] == "de" and body["seed"] == 1
     assert {"route_ms", "encode_ms", "generate_ms", "total_ms"} <= set(body["timings"])
     en = requests.post(f"{url}/v1/generate", json={"prompt": "A photo of an astronaut riding a horse"}, timeout=120)
-    assert en.json()["route"]["translator"] == "native"
+    assert en.json()["route"]["route"] == "native" and str(tiny_serving[1]) not in r.text + en.text
 
 
 def test_languages_health_openapi_and_page(url):

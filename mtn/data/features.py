@@ -3,8 +3,14 @@
 A cache is a folder (local or any fsspec URL such as s3://bucket/prefix) written by jobs/extract_features.py:
 
     manifest.json                      written last: a folder without it is an incomplete extraction
-    shard-00000000.safetensors         rows in any order; each shard carries its rows' corpus `index`
+    gen-<time>-<id>/shard-00000000.safetensors   rows in any order; each shard carries its rows' corpus `index`
     ...
+
+Integrity. Each manifest entry carries the shard's sha256; loading refuses a shard whose bytes differ, naming it
+and how to rebuild. A re-extraction writes a new generation folder beside the old cache and then replaces the
+manifest (atomically: a rename locally, one PUT on S3), so until the new cache is complete the old one stays
+valid; shards no manifest names any more are removed afterwards (prune_cache). Caches of format version 1
+(shards at the top level, no checksums) still load, with a warning that corruption cannot be detected there.
 
 Each shard holds `index` [n] int64, `source` [n, L, d_s] (L <= S_s: the shard's longest source; padded source
 positions are zeros, the MTN ignores them), `source_mask` [n, L] uint8, `target` [n, S_t, d_t] (all S_t positions,
@@ -20,6 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import time
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -28,11 +38,14 @@ import torch
 from mtn.errors import MTNError
 
 FORMAT = "mtn-feature-cache"
-VERSION = 1
+VERSION = 2  # 2: per-shard sha256, shards in generation folders; 1 (no checksums) still loads
 MANIFEST = "manifest.json"
+REBUILD = ("rebuild it with `python jobs/extract_features.py --config <the same config>` (a cache whose shards "
+           "fail their checksums is re-extracted)")
 ENCODER_KEYS = ("name_or_path", "subfolder", "revision", "max_length", "prefix")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 _REVISIONS: dict = {}  # (path, subfolder) -> revision; hashing a 500 MB encoder once per process is enough
+log = logging.getLogger("mtn.data")
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
@@ -95,9 +108,16 @@ def _fs(url: str):
     return fs, root.rstrip("/")
 
 
-def write_shard(url: str, rows: dict[str, torch.Tensor], dtype: torch.dtype, trim_target: bool = False) -> dict:
-    """Write one shard (rows as produced by the encoders) and return its manifest entry. Zero-padded sides are
-    trimmed to the shard's longest row (later positions are all zeros and come back as zeros on load)."""
+def new_generation() -> str:
+    """A fresh folder name for one extraction's shards (sorts by time; unique across concurrent writers)."""
+    return f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def write_shard(url: str, rows: dict[str, torch.Tensor], dtype: torch.dtype, trim_target: bool = False,
+                generation: str | None = None) -> dict:
+    """Write one shard (rows as produced by the encoders) into `url/generation/` and return its manifest entry
+    (file relative to `url`, rows, sha256). Zero-padded sides are trimmed to the shard's longest row (later
+    positions are all zeros and come back as zeros on load)."""
     from safetensors.torch import save
 
     index = rows["index"].long()  # [n]
@@ -110,32 +130,73 @@ def write_shard(url: str, rows: dict[str, torch.Tensor], dtype: torch.dtype, tri
         "target": rows["target"][:, :n_tgt].to(dtype).contiguous(),  # [n, L_t, d_t]
         "target_mask": rows["target_mask"][:, :n_tgt].to(torch.uint8).contiguous(),  # [n, L_t]
     }
-    name = f"shard-{int(index.min()):08d}.safetensors"  # corpus indices are unique, so names never collide
+    # corpus indices are unique, so names never collide within a generation
+    name = f"{generation or new_generation()}/shard-{int(index.min()):08d}.safetensors"
+    data = save(tensors)
     fs, root = _fs(url)
-    fs.makedirs(root, exist_ok=True)
+    fs.makedirs(f"{root}/{name.rsplit('/', 1)[0]}", exist_ok=True)
     with fs.open(f"{root}/{name}", "wb") as f:
-        f.write(save(tensors))
-    return {"file": name, "rows": len(index)}
+        f.write(data)
+    return {"file": name, "rows": len(index), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_atomic(fs, path: str, text: str) -> None:
+    """Readers see the old file or the new one, never half of one: a rename on local disk; on S3 a PUT of one
+    small object already is all-or-nothing."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "w") as f:
+            f.write(text)
 
 
 def write_manifest(url: str, record: dict, shards: list[dict], dims: dict, dtype: str, extra: dict | None = None):
+    """Write the manifest last: this is the moment the cache (or its new generation) becomes the valid one."""
     fs, root = _fs(url)
     manifest = {"format": FORMAT, "version": VERSION, **record, "dtype": dtype, **dims,
                 "num_rows": sum(s["rows"] for s in shards), "shards": sorted(shards, key=lambda s: s["file"]),
                 **(extra or {})}
-    with fs.open(f"{root}/{MANIFEST}", "w") as f:
-        f.write(json.dumps(manifest, indent=2))
+    fs.makedirs(root, exist_ok=True)
+    _write_atomic(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2))
     return manifest
 
 
-def clear_cache(url: str) -> None:
-    """Remove an old manifest and shards before re-extracting, so no stale shard survives into the new cache."""
+def _ours(name: str) -> bool:
+    """Names this module writes (shards of format 1 at the top level, generation folders, manifest temps)."""
+    return (name.startswith("gen-") or (name.startswith("shard-") and name.endswith(".safetensors"))
+            or name.startswith(f"{MANIFEST}.tmp-"))
+
+
+def prune_cache(url: str, manifest: dict) -> list[str]:
+    """Remove the shards and generation folders `manifest` does not name (an older cache, an interrupted
+    extraction). Other files in the folder are left alone. Returns what was removed (names)."""
     fs, root = _fs(url)
-    if fs.exists(root):
-        for p in fs.ls(root, detail=False):
-            name = p.rstrip("/").rsplit("/", 1)[-1]
-            if name == MANIFEST or (name.startswith("shard-") and name.endswith(".safetensors")):
-                fs.rm(p)
+    keep = {s["file"].split("/", 1)[0] for s in manifest["shards"]}
+    fs.invalidate_cache(root)  # an S3 listing cached before the writers ran would miss or resurrect entries
+    removed = []
+    for p in fs.ls(root, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if _ours(name) and name not in keep:
+            fs.rm(p, recursive=True)
+            removed.append(name)
+    return removed
+
+
+def discard_generation(url: str, generation: str) -> None:
+    """Best effort: remove an abandoned generation folder (prune_cache catches what this misses)."""
+    fs, root = _fs(url)
+    try:
+        if fs.exists(f"{root}/{generation}"):
+            fs.rm(f"{root}/{generation}", recursive=True)
+    except OSError as e:
+        log.warning("could not remove the abandoned %s/%s: %s", url, generation, e)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -178,23 +239,58 @@ def check_cache(url: str, expected: dict, needs_target_padding: bool = False) ->
     return manifest
 
 
+def _shard_bytes(url: str, fs, root: str, shard: dict) -> bytes:
+    """A shard's bytes, checked against the manifest's sha256 (format 1 entries have none)."""
+    try:
+        data = fs.cat(f"{root}/{shard['file']}")
+    except FileNotFoundError:
+        raise MTNError(f"feature cache {url}: shard {shard['file']} listed in the manifest is missing; "
+                       f"{REBUILD}") from None
+    want = shard.get("sha256")
+    if want is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != want:
+            raise MTNError(f"feature cache {url}: shard {shard['file']} is corrupted (sha256 {got[:16]}..., the "
+                           f"manifest says {want[:16]}...); {REBUILD}")
+    return data
+
+
+def _warn_unchecked(url: str, manifest: dict) -> None:
+    unchecked = sum("sha256" not in s for s in manifest["shards"])
+    if unchecked:
+        log.warning("feature cache %s: %d of %d shards have no checksum (format version %s): corruption cannot be "
+                    "detected; re-extract with `jobs/extract_features.py --force` to add checksums", url, unchecked,
+                    len(manifest["shards"]), manifest.get("version"))
+
+
+def verify_shards(url: str, manifest: dict | None = None) -> dict:
+    """Read every shard and check it against its manifest checksum; raises MTNError naming the first bad one."""
+    manifest = manifest or read_manifest(url)
+    fs, root = _fs(url)
+    _warn_unchecked(url, manifest)
+    for shard in manifest["shards"]:
+        _shard_bytes(url, fs, root, shard)
+    return manifest
+
+
 def load_features(url: str, manifest: dict | None = None, rows: int | None = None) -> dict[str, torch.Tensor]:
-    """All rows in corpus order: source [N, S_s, d_s] (zero padded back to S_s), masks, target [N, S_t, d_t]."""
+    """All rows in corpus order: source [N, S_s, d_s] (zero padded back to S_s), masks, target [N, S_t, d_t].
+    Every shard is checked against its manifest checksum first."""
     from safetensors.torch import load
 
     manifest = manifest or read_manifest(url)
     fs, root = _fs(url)
+    _warn_unchecked(url, manifest)
     parts = []
     for shard in manifest["shards"]:
+        data = _shard_bytes(url, fs, root, shard)
         try:
-            t = load(fs.cat(f"{root}/{shard['file']}"))
-        except FileNotFoundError:
-            raise MTNError(f"feature cache {url}: shard {shard['file']} listed in the manifest is missing") from None
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise MTNError(f"feature cache {url}: shard {shard['file']} is unreadable: {e}") from None
+            t = load(data)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file (format 1: no checksum caught it)
+            raise MTNError(f"feature cache {url}: shard {shard['file']} is unreadable: {e}; {REBUILD}") from None
         if len(t["index"]) != shard["rows"]:
             raise MTNError(f"feature cache {url}: shard {shard['file']} has {len(t['index'])} rows, "
-                           f"manifest says {shard['rows']}")
+                           f"manifest says {shard['rows']}; {REBUILD}")
         for side in ("source", "target"):
             pad = manifest[f"{side}_len"] - t[side].shape[1]
             t[side] = torch.nn.functional.pad(t[side], (0, 0, 0, pad))  # [n, S, d]

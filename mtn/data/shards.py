@@ -29,7 +29,9 @@ ran out before position k. Same shards, seed, epoch, world size, lanes (num_work
 Stats. Each batch from make_loader carries "stats": counts since the previous batch, summed over all loader
 workers (the last batch also carries the counts that came after it), so the sum of batch["stats"] over an
 epoch is the epoch's total; `loader.totals` holds the same running sum. Keys: STAT_KEYS. `ShardStream.stats()`
-counts only what ran in the calling process (num_workers=0 or direct iteration).
+counts only what ran in the calling process (num_workers=0 or direct iteration). Failed or truncated shards are
+skipped and counted, but once a lane has lost more than `max_skipped_shard_fraction` of its shards the stream
+raises MTNError (in the main process, also from loader workers): an S3 outage fails the run, not its data.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ class StreamConfig:
     read_block_size: int = 8 << 20  # bytes per ranged GET on S3
     open_retries: int = 2  # transient errors opening a shard (missing/forbidden ones fail at once)
     jpeg_draft: bool = True  # decode JPEGs at the smallest DCT scale still >= resolution (2-5x faster)
+    # shards a lane may lose (unreadable, or cut short: an S3 outage, a broken upload) before the run fails rather
+    # than train on less data than planned; a fraction of the lane's shards (1.0: never fail, only count)
+    max_skipped_shard_fraction: float = 0.05
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_skipped_shard_fraction <= 1.0:
+            raise MTNError(f"max_skipped_shard_fraction must be in [0, 1], got {self.max_skipped_shard_fraction}")
 
 
 @dataclass
@@ -202,10 +211,18 @@ class ShardStream(IterableDataset):
                              retries=cfg.open_retries)
         rng = random.Random(f"mtn-buffer:{cfg.seed}:{self.epoch}:{self.rank}:{lane}")
         size, buf = max(1, cfg.shuffle_buffer), []
+        lost, allowed = 0, cfg.max_skipped_shard_fraction * len(shards)
         for event in reader:
             if event[0] != "sample":
                 self._counts[f"{event[0]}_shards"] += 1
                 log.warning("%s shard %s: %s", event[0], event[1], event[2])
+                lost += 1
+                if lost > allowed:  # fail now: the rest of the epoch would train on less than planned
+                    raise MTNError(
+                        f"{lost} of the {len(shards)} shards of rank {self.rank} lane {lane} could not be read "
+                        f"completely, over max_skipped_shard_fraction={cfg.max_skipped_shard_fraction} (latest: "
+                        f"{event[0]} {event[1]}: {event[2]}); check the storage (an S3 outage?) and rerun, or raise "
+                        "max_skipped_shard_fraction to train on what is readable")
                 continue
             raw = self._check(event[1], event[3], event[4])
             if raw is None:
@@ -311,15 +328,18 @@ class _BatchDataset(IterableDataset):
         wid, workers = _worker()
         n_lanes = s.cfg.lanes or workers
         prev = s.stats()
-        for event in s._produce(range(wid, n_lanes, workers), n_lanes, s.skip_batches, keep_tail=not self.drop_last):
-            now = s.stats()
-            delta, prev = {k: now[k] - prev[k] for k in STAT_KEYS}, now
-            if event["kind"] == "end":
-                tail = _collate(event["tail"]) if event["tail"] else None
-                yield {"kind": "end", "lane": event["lane"], "n": event["n"], "stats": delta, "tail": tail}
-            else:
-                yield {"kind": "batch", "lane": event["lane"], "r": event["r"], "stats": delta,
-                       **_collate(event["samples"])}
+        try:
+            for event in s._produce(range(wid, n_lanes, workers), n_lanes, s.skip_batches, keep_tail=not self.drop_last):
+                now = s.stats()
+                delta, prev = {k: now[k] - prev[k] for k in STAT_KEYS}, now
+                if event["kind"] == "end":
+                    tail = _collate(event["tail"]) if event["tail"] else None
+                    yield {"kind": "end", "lane": event["lane"], "n": event["n"], "stats": delta, "tail": tail}
+                else:
+                    yield {"kind": "batch", "lane": event["lane"], "r": event["r"], "stats": delta,
+                           **_collate(event["samples"])}
+        except MTNError as e:  # sent as an item: raised in a DataLoader worker it would reach the user with a traceback
+            yield {"kind": "error", "message": str(e)}
 
 
 class ShardLoader(DataLoader):
@@ -345,6 +365,8 @@ class ShardLoader(DataLoader):
         tails: list[tuple[int, dict]] = []
 
         def pulled(item):
+            if item["kind"] == "error":
+                raise MTNError(item["message"])
             for key, v in item["stats"].items():
                 self.totals[key] += v
                 pending[key] += v

@@ -45,21 +45,43 @@ app.kubernetes.io/name: {{ include "mtn-serve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{/* The ServiceAccount the Ray pods run as. */}}
+{{/* The ServiceAccount of the head or the workers. Call with (dict "root" $ "kind" "head"|"worker"). */}}
 {{- define "mtn-serve.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create }}
-{{- default (include "mtn-serve.fullname" .) .Values.serviceAccount.name }}
+{{- $sa := .root.Values.serviceAccount }}
+{{- $name := (index $sa .kind | default dict).name }}
+{{- if $sa.create }}
+{{- $base := include "mtn-serve.fullname" .root | trunc (int (sub 62 (len .kind))) | trimSuffix "-" }}
+{{- default (printf "%s-%s" $base .kind) $name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- default "default" $name }}
 {{- end }}
 {{- end }}
 
-{{- define "mtn-serve.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
-{{- else }}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{/* Labels that select the Ray pods (head and workers) of this release. */}}
+{{- define "mtn-serve.rayPodSelector" -}}
+matchLabels:
+  {{- include "mtn-serve.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values: [ray-head, ray-worker]
 {{- end }}
+
+{{/* Image reference: repository[:tag][@digest]; an empty tag is refused unless a digest pins the image. */}}
+{{- define "mtn-serve.image" -}}
+{{- $img := .Values.image }}
+{{- if not (or $img.tag $img.digest) }}
+{{- fail "image.tag is empty: set image.tag (e.g. 0.1.0, the chart's appVersion) or image.digest (sha256:...) so every pod runs one known image" }}
+{{- end }}
+{{- $ref := $img.repository }}
+{{- with $img.tag }}{{ $ref = printf "%s:%s" $ref . }}{{ end }}
+{{- with $img.digest }}{{ $ref = printf "%s@%s" $ref . }}{{ end }}
+{{- $ref }}
+{{- end }}
+
+{{/* Mount path of the Kubernetes API token (what automountServiceAccountToken would mount). */}}
+{{- define "mtn-serve.apiTokenPath" -}}
+/var/run/secrets/kubernetes.io/serviceaccount
 {{- end }}
 
 {{/* Environment of the Ray containers (YAML list, or nothing). */}}
@@ -69,6 +91,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .mlflowTrackingUri }}{{ $env = append $env (dict "name" "MLFLOW_TRACKING_URI" "value" .mlflowTrackingUri) }}{{ end }}
 {{- if .awsRegion }}{{ $env = append $env (dict "name" "AWS_REGION" "value" .awsRegion) }}{{ end }}
 {{- if .hfHome }}{{ $env = append $env (dict "name" "HF_HOME" "value" .hfHome) }}{{ end }}
+{{- end }}
+{{- with .Values.auth.apiKeys }}
+{{- if .enabled }}
+{{- $ref := dict "secretKeyRef" (dict "name" .existingSecret "key" .secretKey) }}
+{{- $env = append $env (dict "name" "MTN_API_KEYS" "valueFrom" $ref) }}
+{{- end }}
 {{- end }}
 {{- $env = concat $env (.Values.extraEnv | default list) }}
 {{- if $env }}
@@ -95,15 +123,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     "max_height" $v.limits.maxHeight
     "max_steps" $v.limits.maxSteps
     "max_images" $v.limits.maxImages
-    "max_guidance_scale" $v.limits.maxGuidanceScale)
+    "max_guidance_scale" $v.limits.maxGuidanceScale
+    "max_request_pixels" (int64 $v.limits.maxRequestPixels))
   "batching" (dict
     "max_batch_size" $v.batching.maxBatchSize
-    "batch_wait_timeout_s" $v.batching.batchWaitTimeoutS)
+    "batch_wait_timeout_s" $v.batching.batchWaitTimeoutS
+    "max_batch_pixels" (int64 $v.batching.maxBatchPixels))
+  "admission" (dict
+    "max_queued_requests" $v.admission.maxQueuedRequests
+    "ingress_max_queued_requests" $v.admission.ingressMaxQueuedRequests
+    "request_timeout_s" $v.admission.requestTimeoutS
+    "retry_after_s" $v.admission.retryAfterS
+    "max_body_bytes" (int64 $v.admission.maxBodyBytes))
   "defaults" (dict
     "num_inference_steps" $v.defaults.numInferenceSteps
     "guidance_scale" $v.defaults.guidanceScale
     "width" $v.defaults.width
     "height" $v.defaults.height) }}
+{{- if $v.auth.apiKeys.enabled }}
+{{- $_ := set $args "auth" (dict "api_keys_env" "MTN_API_KEYS" "required" true) }}
+{{- end }}
 {{- $gen := dict
   "name" "Generator"
   "max_ongoing_requests" $v.generator.maxOngoingRequests
@@ -115,9 +154,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $gen "num_replicas" $v.generator.replicas }}
 {{- end }}
 {{- end }}
-{{- $ingress := dict "name" "Ingress" "num_replicas" $v.serveIngress.replicas "ray_actor_options" (dict "num_cpus" $v.serveIngress.numCpus) }}
+{{- /* no max_queued_requests on either deployment: build_app sets them from args.admission, and a deployment
+option here would override that */}}
+{{- $ingress := dict
+  "name" "Ingress"
+  "num_replicas" $v.serveIngress.replicas
+  "max_ongoing_requests" $v.serveIngress.maxOngoingRequests
+  "ray_actor_options" (dict "num_cpus" $v.serveIngress.numCpus) }}
 {{- $app := dict "name" "mtn" "route_prefix" "/" "import_path" "serve.app:build_app" "args" $args "deployments" (list $gen $ingress) }}
-{{- toYaml (dict "applications" (list $app)) }}
+{{- /* http_options: the proxy's, read when Serve starts on a new cluster (not changed on a running one) */}}
+{{- $http := dict "request_timeout_s" $v.httpOptions.requestTimeoutS }}
+{{- toYaml (dict "http_options" $http "applications" (list $app)) }}
 {{- end }}
 
 {{/* Checks a JSON schema cannot express; rendering stops with a clear message. */}}
@@ -148,6 +195,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail (printf "up to %d Generator replicas with %v GPU each need more GPUs than %d worker pod(s) with %d GPU(s) give (room for %d): raise worker.maxReplicas/worker.replicas or lower the Generator replicas" $wanted $g.numGpus $pods (int $w.gpus) $fit) }}
 {{- end }}
 {{- end }}
+{{- /* overload: the Ingress holds up to (Generator replicas x their max_ongoing_requests) calls in flight plus
+admission.maxQueuedRequests queued at its handle (serve/app.py build_app); it needs a slot beyond those for /healthz */}}
+{{- $generatorReplicas := ternary $g.autoscaling.maxReplicas $g.replicas $g.autoscaling.enabled | int }}
+{{- $adm := .Values.admission }}
+{{- $admitted := add (mul $generatorReplicas (int $g.maxOngoingRequests)) (int $adm.maxQueuedRequests) }}
+{{- $ingressSlots := int .Values.serveIngress.maxOngoingRequests }}
+{{- if le $ingressSlots $admitted }}
+{{- fail (printf "serveIngress.maxOngoingRequests (%d) must be above %d = Generator max replicas (%d) x generator.maxOngoingRequests (%d) + admission.maxQueuedRequests (%d), the requests an Ingress replica holds for the Generator under load; else /healthz gets no slot: raise it to at least %d" $ingressSlots $admitted $generatorReplicas (int $g.maxOngoingRequests) (int $adm.maxQueuedRequests) (add1 $admitted)) }}
+{{- end }}
+{{- if le (float64 .Values.httpOptions.requestTimeoutS) (float64 $adm.requestTimeoutS) }}
+{{- fail (printf "httpOptions.requestTimeoutS (%v) must be above admission.requestTimeoutS (%v): the proxy would cut admitted requests off with a plain 408 before the app's JSON 504" .Values.httpOptions.requestTimeoutS $adm.requestTimeoutS) }}
+{{- end }}
+{{- if gt (int64 .Values.limits.maxRequestPixels) (int64 .Values.batching.maxBatchPixels) }}
+{{- fail (printf "limits.maxRequestPixels (%d) must be <= batching.maxBatchPixels (%d): such a request could never run" (int64 .Values.limits.maxRequestPixels) (int64 .Values.batching.maxBatchPixels)) }}
+{{- end }}
 {{- $translators := .Values.translators | default dict }}
 {{- range $key, $route := dict "routes.english" .Values.routes.english "routes.hybrid" .Values.routes.hybrid "routes.fallback" .Values.routes.fallback }}
 {{- if and $route (ne $route "native") (not (hasKey $translators $route)) }}
@@ -167,6 +229,44 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail (printf "scratchVolumes: the /tmp/ray volume must be named ray-logs (KubeRay's autoscaler sidecar mounts that name), not %q" .name) }}
 {{- end }}
 {{- end }}
+{{- with .Values.auth.apiKeys }}
+{{- if and .enabled (not .existingSecret) }}
+{{- fail "auth.apiKeys.enabled needs auth.apiKeys.existingSecret: the name of a Secret holding the comma-separated API keys under auth.apiKeys.secretKey" }}
+{{- end }}
+{{- end }}
+{{- /* Ray auth and the API keys come from Secrets; an env entry of the same name would override or disable them. */}}
+{{- $reserved := list "RAY_AUTH_MODE" "RAY_AUTH_TOKEN" "RAY_AUTH_TOKEN_PATH" "MTN_API_KEYS" }}
+{{- range .Values.extraEnv }}
+{{- if has .name $reserved }}
+{{- fail (printf "extraEnv: %s is set by the chart (Ray token auth: rayAuth; API keys: auth.apiKeys), not by extraEnv" .name) }}
+{{- end }}
+{{- end }}
+{{- /* The NetworkPolicy and the PodDisruptionBudget select pods by these labels: values must not overwrite them. */}}
+{{- $selectorKeys := list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/component" }}
+{{- range $where, $labels := dict "commonLabels" .Values.commonLabels "head.podLabels" .Values.head.podLabels "worker.podLabels" .Values.worker.podLabels }}
+{{- range $key, $_ := $labels }}
+{{- if has $key $selectorKeys }}
+{{- fail (printf "%s must not set %s: the chart's NetworkPolicy and PodDisruptionBudget select the Ray pods by it" $where $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $i, $peer := .Values.networkPolicy.operator.from }}
+{{- $sel := $peer.podSelector | default dict }}
+{{- if not (or $peer.ipBlock $sel.matchLabels $sel.matchExpressions) }}
+{{- fail (printf "networkPolicy.operator.from[%d] needs a podSelector with labels (or an ipBlock): without one it opens the Ray dashboard to every pod it admits" $i) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.serviceAccount.create (eq (include "mtn-serve.serviceAccountName" (dict "root" . "kind" "head")) (include "mtn-serve.serviceAccountName" (dict "root" . "kind" "worker"))) }}
+{{- fail "serviceAccount.head.name and serviceAccount.worker.name are equal: the workers would get the head's autoscaler rights" }}
+{{- end }}
+{{- with .Values.podDisruptionBudget }}
+{{- if and .enabled (not (kindIs "invalid" .minAvailable)) (not (kindIs "invalid" .maxUnavailable)) }}
+{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both (null the other one)" }}
+{{- end }}
+{{- if and .enabled (kindIs "invalid" .minAvailable) (kindIs "invalid" .maxUnavailable) }}
+{{- fail "podDisruptionBudget.enabled needs minAvailable or maxUnavailable" }}
+{{- end }}
+{{- end }}
 {{- $name := include "mtn-serve.rayServiceName" . }}
 {{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
 {{- fail (printf "RayService name %q is not a DNS-1035 label (lower-case letters, digits and '-', starting with a letter): set fullnameOverride" $name) }}
@@ -178,7 +278,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $root := .root }}
 {{- $group := .group }}
 {{- $v := $root.Values -}}
-serviceAccountName: {{ include "mtn-serve.serviceAccountName" $root }}
+{{- $apiToken := and (eq .kind "head") $v.autoscaler.enabled -}}
+serviceAccountName: {{ include "mtn-serve.serviceAccountName" (dict "root" $root "kind" .kind) }}
+# no Ray container talks to the Kubernetes API{{ if $apiToken }}; the autoscaler sidecar gets its own projected token{{ end }}
+automountServiceAccountToken: false
 {{- with $v.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
@@ -247,6 +350,14 @@ containers:
 {{- with .medium }}{{ $_ := set $emptyDir "medium" . }}{{ end }}
 {{- with .sizeLimit }}{{ $_ := set $emptyDir "sizeLimit" . }}{{ end }}
 {{- $volumes = append $volumes (dict "name" .name "emptyDir" $emptyDir) }}
+{{- end }}
+{{- if $apiToken }}
+{{- /* what automountServiceAccountToken would mount, for the autoscaler sidecar only (autoscalerOptions.volumeMounts) */}}
+{{- $sources := list
+  (dict "serviceAccountToken" (dict "path" "token" "expirationSeconds" 3607))
+  (dict "configMap" (dict "name" "kube-root-ca.crt" "items" (list (dict "key" "ca.crt" "path" "ca.crt"))))
+  (dict "downwardAPI" (dict "items" (list (dict "path" "namespace" "fieldRef" (dict "apiVersion" "v1" "fieldPath" "metadata.namespace"))))) }}
+{{- $volumes = append $volumes (dict "name" "autoscaler-api-token" "projected" (dict "defaultMode" 420 "sources" $sources)) }}
 {{- end }}
 {{- with $volumes }}
 volumes:
