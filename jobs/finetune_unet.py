@@ -39,7 +39,8 @@ from mtn.distributed import (
 from mtn.errors import MTNError
 from mtn.finetune import FinetuneModule, conditioning, ensure_shards, setup_models
 from mtn.finetune_config import FinetuneConfig
-from mtn.tracking import MLflowTracker, register_folder
+from mtn.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal
+from mtn.tracking import RunTracker, upload_outputs
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "finetune_local.yaml"
 
@@ -78,7 +79,8 @@ def setup_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batc
 
     stream_cfg = StreamConfig(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                               shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                              min_caption_chars=cfg.min_caption_chars, min_image_size=cfg.min_image_size)
+                              min_caption_chars=cfg.min_caption_chars, min_image_size=cfg.min_image_size,
+                              max_skipped_shard_fraction=cfg.max_skipped_shard_fraction)
     stream = ShardStream(list_shards(cfg.train_shards), stream_cfg, rank=rank, world_size=world, epoch=epoch,
                          skip_batches=skip_batches, batch_size=cfg.micro_batch)
     return make_loader(stream, cfg.micro_batch, num_workers=cfg.loader_workers)
@@ -156,8 +158,9 @@ def validation_grid(cfg: FinetuneConfig, pipe, translator, unet):
     return image_grid(images, cols=2)
 
 
-def save_final(tmp: Path, cfg, pipe, translator, engine, ema, state, tracker) -> None:
-    """Rank 0: pipeline/ (EMA weights when enabled) and translator/ with save_pretrained, logged + registered."""
+def save_final(tmp: Path, cfg, pipe, translator, engine, ema, state) -> None:
+    """Rank 0: pipeline/ (EMA weights when enabled) and translator/ with save_pretrained (the driver uploads and
+    registers them in MLflow after publishing them)."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_config(engine.module.unet.config)
@@ -170,14 +173,6 @@ def save_final(tmp: Path, cfg, pipe, translator, engine, ema, state, tracker) ->
         translator.mtn.float().cpu()
         translator.save(tmp / "translator", training={"finetune": cfg.to_dict(), "steps": state["step"]})
     (tmp / "metrics.json").write_text(json.dumps(state.get("final_metrics", {}), indent=2))
-    tracker.mlflow.log_artifacts(str(tmp / "pipeline"), "pipeline")
-    if translator is not None:
-        tracker.mlflow.log_artifacts(str(tmp / "translator"), "translator")
-    if cfg.register_model:
-        uri = register_folder(tracker.mlflow, cfg.register_model, tracker.run_id, "pipeline")
-        tracker.mlflow.set_tag("mtn.registered_model", uri)
-        print(f"registered the pipeline as {uri}")
-    tracker.mlflow.end_run()
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -224,17 +219,16 @@ def train_loop_per_worker(config: dict):
     ema = EMA(engine.module.unet.parameters(), cfg.ema_decay) if cfg.ema_decay and rank == 0 else None
     data_pos = {"epoch": 0, "batches": 0}
     state = load_checkpoint(engine, {"step": 0, "mlflow_run_id": None, "history": []},
-                            restore_extra(rank, data_pos, ema))
+                            restore_extra(rank, data_pos, ema), config=config)
     if rank == 0 and state["step"]:
         print(f"resuming from the checkpoint at step {state['step']} (epoch {data_pos['epoch']}, "
               f"{data_pos['batches']} batches into it)")
-    tracker = MLflowTracker(cfg, state["mlflow_run_id"], job="finetune_unet") if rank == 0 else None
-    if tracker:
-        state["mlflow_run_id"] = tracker.run_id
+    # never raises: MLflow may be down; SIGTERM to the driver -> checkpoint and return (mtn/preemption.py)
+    tracker = RunTracker(cfg, state["mlflow_run_id"], job="finetune_unet") if rank == 0 else None
+    stop = StopSignal(cfg.name, engine.device)
     loader = iter(setup_data(cfg, rank, world, data_pos["epoch"], data_pos["batches"]))
     # the frozen route's encoding of "" for caption dropout on stored features: once, not per micro-batch
     empty = conditioning(cfg, pipe, translator, [""], device) if cfg.precomputed else None
-    fail_at = int(os.environ.get("MTN_FAIL_AT_STEP", "0"))  # fault injection for the restart test
     bar = tqdm(total=cfg.max_steps, desc="finetune_unet") if rank == 0 else None
     if bar:
         bar.update(state["step"])
@@ -261,12 +255,6 @@ def train_loop_per_worker(config: dict):
             images += len(batch["latent_mean"] if "latent_mean" in batch else batch["captions"])
         if ema is not None:
             ema.update()
-        if fail_at and step == fail_at and rank == world - 1:  # once: the marker survives the restart
-            marker = Path(cfg.output_dir) / ".injected_failure"
-            if not marker.exists():
-                marker.write_text(str(step))
-                print(f"rank {rank}: injected failure at step {step}", flush=True)
-                os._exit(1)
         state["step"] = step
         elapsed = time.perf_counter() - t_start
         metrics = {"step": step, "train/loss": sum(losses) / len(losses), "train/lr": engine.get_lr()[0],
@@ -277,11 +265,12 @@ def train_loop_per_worker(config: dict):
             with gathered(engine, cfg):
                 if rank == 0:
                     grid = validation_grid(cfg, pipe, translator, engine.module.unet)
-                    tracker.mlflow.log_image(grid, f"validation/step_{step:06d}.png")
+                    tracker.log_image(grid, f"validation/step_{step:06d}.png")
             engine.module.train()
         if tracker:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 tracker.log_metrics(metrics, step)
+                state["mlflow_run_id"] = tracker.run_id
                 state["history"].append({k: v for k, v in metrics.items() if k.startswith(("train/", "perf/"))})
             bar.update(1)
             bar.set_description(f"finetune_unet loss {metrics['train/loss']:.4f}")
@@ -296,15 +285,19 @@ def train_loop_per_worker(config: dict):
                 extra(d)
                 with gathered(engine, cfg):
                     if rank == 0:
-                        save_final(d, cfg, pipe, translator, engine, ema, state, tracker)
+                        save_final(d, cfg, pipe, translator, engine, ema, state)
 
             report(engine, state, metrics, rank, final)
-        elif step % cfg.checkpoint_every == 0:
+        elif stop.check() or step % cfg.checkpoint_every == 0:  # every rank calls check() at every step
             report(engine, state, metrics, rank, extra)
+            if stop.stopping:
+                if rank == 0:
+                    print(f"stop requested: checkpoint saved at step {step}", flush=True)
+                break
     if bar:
         bar.close()
-    if tracker and tracker.mlflow.active_run():  # resumed at or past max_steps: nothing ran
-        tracker.mlflow.end_run()
+    if tracker:  # the run stays RUNNING for the driver's upload, unless preempted
+        tracker.close("KILLED" if stop.stopping else None)
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -335,8 +328,9 @@ def publish(cfg: FinetuneConfig, result) -> dict | None:
     state = final_state(result, cfg.output_dir, "pipeline", ("pipeline", "translator", "metrics.json"))
     if state is None:
         return None
-    summary = {"pipeline": f"{cfg.output_dir}/pipeline", "translator": f"{cfg.output_dir}/translator",
-               "checkpoint": result.checkpoint.path, "mlflow_tracking_uri": cfg.mlflow_tracking_uri,
+    at = {name: state["published"].get(name, f"{cfg.output_dir}/{name}") for name in ("pipeline", "translator")}
+    summary = {"pipeline": at["pipeline"], "translator": at["translator"], "checkpoint": result.checkpoint.path,
+               "mlflow_tracking_uri": cfg.mlflow_tracking_uri,
                "mlflow_run_id": state.get("mlflow_run_id"), "steps": state["step"]}
     print_summary("finetune_unet", summary, state.get("final_metrics", {}))
     return summary
@@ -349,11 +343,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = prepare(load_config(args.config, args.overrides, cls=FinetuneConfig))
-        result = fit(train_loop_per_worker, cfg)
+        stop = StopOnSigterm(cfg.name, cfg.stop_timeout_s)
+        with stop:
+            result = fit(train_loop_per_worker, cfg, on_ray_ready=stop.install)
+        stop.raise_if_preempted(result, cfg.max_steps)
     except MTNError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if publish(cfg, result) else 1
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return EXIT_CODE
+    try:
+        summary = publish(cfg, result)  # the final checkpoint is saved and published before anything goes to MLflow
+    except MTNError as e:  # e.g. the storage failed mid-publish: the previous output stays, a re-run publishes
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary:
+        upload_outputs(cfg.mlflow_tracking_uri, summary["mlflow_run_id"],
+                       {"pipeline": summary["pipeline"], "translator": summary["translator"]},
+                       cfg.register_model, "pipeline", experiment=cfg.mlflow_experiment, run_name=cfg.name)
+    return 0 if summary else 1
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def trial(config: dict, bases: dict[str, dict], parent_run_id: str) -> None:
                          "mlflow_parent_run_id": parent_run_id})
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     result = fit(job.train_loop_per_worker, cfg, callbacks=[TuneReportCallback()])
-    job.publish(cfg, result)
+    job.publish_and_upload(cfg, result)  # the trial's MLflow run gets its translator
 
 
 def run_tuner(cfg: SweepConfig, bases: dict[str, dict], parent_run_id: str):

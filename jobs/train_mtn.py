@@ -36,7 +36,8 @@ from mtn.losses import mtn_losses
 from mtn.metrics import alignment_metrics, target_ids
 from mtn.model import ModelTranslationNetwork, TokenDiscriminator
 from mtn.precision import describe, input_dtype, resolve_precision
-from mtn.tracking import MLflowTracker, save_loss_curve
+from mtn.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal
+from mtn.tracking import RunTracker, save_loss_curve, upload_outputs
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
 
@@ -202,13 +203,13 @@ def export_translator(engine, encoders, specs, cfg: TrainConfig, state: dict, ou
             save_translator(clean, encoders, specs, cfg, state, out_dir)
 
 
-def write_final_artifacts(tmp: Path, engine, encoders, specs, cfg, state, metrics, rank, tracker):
-    """Into the final checkpoint: translator/, loss_curve.png, metrics.json; and the same to MLflow."""
+def write_final_artifacts(tmp: Path, engine, encoders, specs, cfg, state, metrics, rank):
+    """Into the final checkpoint: translator/, loss_curve.png, metrics.json (the driver uploads them to MLflow
+    after publishing them)."""
     export_translator(engine, encoders, specs, cfg, state, tmp / "translator", rank)
     if rank == 0:
         save_loss_curve(state["history"], tmp / "loss_curve.png")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        tracker.finish(tmp / "translator", tmp / "loss_curve.png", metrics)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -220,14 +221,14 @@ def baseline_per_worker(cfg: TrainConfig, train, val, encoders, specs, rank: int
         nonlocal metrics
         if rank != 0:
             return
-        tracker = MLflowTracker(cfg)
+        tracker = RunTracker(cfg)
         model, val_metrics = fit_baseline(cfg, cfg.method, baseline_rows(cfg, train, encoders), val)
         metrics.update(val_metrics)
+        tracker.log_metrics(metrics, 1)
+        tracker.close()
         state.update(final_metrics=val_metrics, mlflow_run_id=tracker.run_id)
         save_translator(model, encoders, specs, cfg, state, tmp / "translator")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        tracker.log_metrics(metrics, 1)
-        tracker.finish(tmp / "translator", None, metrics)
 
     report(None, state, metrics, rank, finish)
 
@@ -251,15 +252,14 @@ def train_loop_per_worker(config: dict):
     engine = setup_engine(cfg, specs["source_encoder"]["hidden_size"], specs["target_encoder"]["hidden_size"],
                           per_worker, rows, linear_fit)
     dtype = input_dtype(cfg.precision)
-    state = load_checkpoint(engine, {"step": 0, "history": [], "mlflow_run_id": None})
+    state = load_checkpoint(engine, {"step": 0, "history": [], "mlflow_run_id": None}, config=config)
     if rank == 0:
         print(f"precision: {cfg.precision}{' (auto)' if auto else ''} on {describe(device.type)}")
     if rank == 0 and state["step"]:
         print(f"resuming from the checkpoint at step {state['step']} (same name + storage_path); "
               f"give another name=... for a fresh run")
-    tracker = MLflowTracker(cfg, state["mlflow_run_id"]) if rank == 0 else None
-    if tracker:
-        state["mlflow_run_id"] = tracker.run_id
+    tracker = RunTracker(cfg, state["mlflow_run_id"]) if rank == 0 else None  # never raises: MLflow may be down
+    stop = StopSignal(cfg.name, engine.device)  # SIGTERM to the driver -> checkpoint and return (mtn/preemption.py)
 
     start = state["step"]
     bar = tqdm(total=cfg.max_steps, desc="train_mtn") if rank == 0 else None
@@ -286,6 +286,7 @@ def train_loop_per_worker(config: dict):
             if step % cfg.log_every == 0 or any(k.startswith("val/") for k in metrics) or step == start + 1:
                 state["history"].append(metrics)
                 tracker.log_metrics(metrics, step)
+                state["mlflow_run_id"] = tracker.run_id
             bar.update(1)
             bar.set_description(f"train_mtn loss {metrics['train/loss']:.4f}")
         if step == cfg.max_steps:
@@ -303,13 +304,17 @@ def train_loop_per_worker(config: dict):
 
             report(engine, state, metrics, rank, functools.partial(
                 write_final_artifacts, engine=engine, encoders=encoders, specs=specs, cfg=cfg, state=state,
-                metrics=metrics, rank=rank, tracker=tracker))
-        elif step % cfg.checkpoint_every == 0:
+                metrics=metrics, rank=rank))
+        elif stop.check() or step % cfg.checkpoint_every == 0:  # every rank calls check() at every step
             report(engine, state, metrics, rank)
+            if stop.stopping:
+                if rank == 0:
+                    print(f"stop requested: checkpoint saved at step {step}", flush=True)
+                break
     if bar:
         bar.close()
-    if tracker and tracker.mlflow.active_run():  # resumed at or past max_steps: nothing ran, close the run again
-        tracker.mlflow.end_run()
+    if tracker:  # the run stays RUNNING for the driver's upload, unless preempted
+        tracker.close("KILLED" if stop.stopping else None)
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -327,6 +332,9 @@ def main(argv=None) -> int:
     except MTNError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return EXIT_CODE
     return 0 if result else 1
 
 
@@ -371,17 +379,35 @@ def prepare_config(path, overrides) -> TrainConfig:
 def run(cfg: TrainConfig):
     if "://" not in cfg.output_dir:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    return publish(cfg, fit(train_loop_per_worker, cfg))
+    stop = StopOnSigterm(cfg.name, cfg.stop_timeout_s)
+    with stop:
+        result = fit(train_loop_per_worker, cfg, on_ray_ready=stop.install)
+    stop.raise_if_preempted(result, cfg.max_steps)
+    return publish_and_upload(cfg, result)
+
+
+def publish_and_upload(cfg: TrainConfig, result) -> dict | None:
+    """The end of a run, in this order: the final checkpoint (saved by fit), the publish, then the MLflow upload,
+    which never fails the job (a failure prints the command that retries it)."""
+    summary = publish(cfg, result)
+    if summary:
+        upload_outputs(cfg.mlflow_tracking_uri, summary["mlflow_run_id"],
+                       {"translator": summary["translator"], "loss_curve.png": summary["loss_curve"],
+                        "metrics.json": summary["metrics"]}, experiment=cfg.mlflow_experiment, run_name=cfg.name)
+    return summary
 
 
 def publish(cfg: TrainConfig, result) -> dict | None:
-    """Copy the translator, loss curve and metrics out of the final checkpoint into output_dir; say where."""
+    """Publish the translator, loss curve and metrics of the final checkpoint to output_dir (a new version, switched
+    to at the end: mtn/publish.py); say where to read them."""
     state = final_state(result, cfg.output_dir, "translator", ("translator", "loss_curve.png", "metrics.json"))
     if state is None:
         return None
-    metrics = json.loads(Path(cfg.output_dir, "metrics.json").read_text()) if "://" not in cfg.output_dir else {}
-    summary = {"translator": f"{cfg.output_dir}/translator", "loss_curve": f"{cfg.output_dir}/loss_curve.png",
-               "metrics": f"{cfg.output_dir}/metrics.json", "checkpoint": result.checkpoint.path,
+    at = {name: state["published"].get(name, f"{cfg.output_dir}/{name}") for name in
+          ("translator", "loss_curve.png", "metrics.json")}
+    metrics = json.loads(Path(at["metrics.json"]).read_text()) if "://" not in cfg.output_dir else {}
+    summary = {"translator": at["translator"], "loss_curve": at["loss_curve.png"],
+               "metrics": at["metrics.json"], "checkpoint": result.checkpoint.path,
                "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_experiment": cfg.mlflow_experiment,
                "mlflow_run_id": state.get("mlflow_run_id"), "steps": state["step"]}
     print_summary("train_mtn", summary, {k: v for k, v in metrics.items() if k.startswith("val/")},

@@ -100,6 +100,13 @@ class TrainConfig:
     val_every: int = 50
     checkpoint_every: int = 50
     num_checkpoints_to_keep: int = 2
+    # a re-run with the same name + storage_path: auto (resume if the config matches the checkpoint's, else refuse
+    # naming the changed keys) | never (delete the run's checkpoints, start at step 0) | force (resume anyway);
+    # the keys that may change without refusing: mtn/resume.py RESUMABLE
+    resume: str = "auto"
+    checkpoint_staging_dir: str | None = None  # where ranks write a checkpoint before Ray stores it (free space is
+    #                                            checked first): an absolute path on the worker nodes;
+    #                                            None: the system temp dir ($TMPDIR or /tmp)
     # --- distributed (Ray Train + DeepSpeed)
     num_workers: int = 1
     use_gpu: bool = False
@@ -111,6 +118,8 @@ class TrainConfig:
     max_failures: int = 0
     storage_path: str = "{output_dir}/ray_results"  # local path or s3://
     ray_address: str | None = None  # None: $RAY_ADDRESS or a local cluster
+    stop_timeout_s: float = 300.0  # after SIGTERM: time to checkpoint at a step boundary before exiting
+    #                               without one (mtn/preemption.py); a second SIGTERM exits at once
     # --- tracking
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///{output_dir}/mlflow.db
     mlflow_experiment: str = "mtn"
@@ -131,6 +140,7 @@ class TrainConfig:
             (self.lr > 0, "lr must be > 0"),
             (0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio must be in [0, 1]"),
             (self.block_layout in ("gluegen", "mixer"), f"block_layout must be gluegen|mixer, got {self.block_layout!r}"),
+            (self.resume in ("auto", "never", "force"), f"resume must be auto|never|force, got {self.resume!r}"),
             (self.language_mix in ("interleave", "rotate"),
              f"language_mix must be interleave|rotate, got {self.language_mix!r}"),
             (self.method in ("mtn", "linear", "pooled_linear"),

@@ -29,6 +29,9 @@ class FinetuneConfig:
     loader_workers: int = 2  # DataLoader processes per Ray worker (decoding + resizing)
     min_caption_chars: int = 1
     min_image_size: int = 0  # drop images whose shorter side is smaller (before resizing)
+    # unreadable or cut-short shards a reader may skip (S3 outage, broken upload) before the run fails instead of
+    # training on less data; a fraction of each reader's shards in [0, 1] (1.0: only count them)
+    max_skipped_shard_fraction: float = 0.05
     # jobs/precompute_latents.py output (VAE latents + text features): when set, training reads it instead of images
     precomputed: str | None = None
     precompute_workers: int = 1  # encoder actors of the precompute job
@@ -60,6 +63,13 @@ class FinetuneConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     num_checkpoints_to_keep: int = 2
+    # a re-run with the same name + storage_path: auto (resume if the config matches the checkpoint's, else refuse
+    # naming the changed keys) | never (delete the run's checkpoints, start at step 0) | force (resume anyway);
+    # the keys that may change without refusing: mtn/resume.py RESUMABLE
+    resume: str = "auto"
+    checkpoint_staging_dir: str | None = None  # where ranks write a checkpoint before Ray stores it (free space is
+    #                                            checked first): an absolute path on the worker nodes;
+    #                                            None: the system temp dir ($TMPDIR or /tmp)
     register_model: str | None = None  # MLflow registered model name for the final pipeline; null: not registered
     # --- cluster
     num_workers: int = 1
@@ -69,6 +79,8 @@ class FinetuneConfig:
     max_failures: int = 0
     storage_path: str = "{output_dir}/ray_results"
     ray_address: str | None = None
+    stop_timeout_s: float = 300.0  # after SIGTERM: time to checkpoint at a step boundary before exiting
+    #                               without one (mtn/preemption.py); a second SIGTERM exits at once
     # --- tracking
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///{output_dir}/mlflow.db
     mlflow_experiment: str = "mtn-finetune"
@@ -92,6 +104,7 @@ class FinetuneConfig:
              "ema_decay needs whole UNet weights on each rank: use zero_stage <= 2 with EMA"),
             (self.resolution % 8 == 0 and self.resolution >= 8, "resolution must be a multiple of 8"),
             (not self.train_mtn or self.translator is not None, "train_mtn needs a translator"),
+            (self.resume in ("auto", "never", "force"), f"resume must be auto|never|force, got {self.resume!r}"),
             (self.loader_workers >= 0, "loader_workers must be >= 0"),
         ]
         for ok, msg in checks:

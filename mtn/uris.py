@@ -61,16 +61,24 @@ def fetch_folder(uri: str, marker: str, cache_dir: str | Path | None = None, tim
         return _find_marker(path, marker, uri)
     timeout_s = _setting(timeout_s, TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
     retry_after_s = _setting(retry_after_s, RETRY_ENV, DEFAULT_RETRY_AFTER_S)
-    store, resolved = "", uri
-    if uri.startswith(MLFLOW_SCHEMES):
-        # models:/name/1 names different models in different MLflow stores: the store is part of the cache key
-        store, resolved = _tracking_uri(), _resolve_registry_uri(uri)
     cache = Path(cache_dir or default_cache_dir())
-    key = hashlib.sha256(f"{store}|{resolved}".encode()).hexdigest()[:16]
-    dest, failed = cache / key, cache / f"{key}.failed"
+    # models:/name/1 names different models in different MLflow stores: the store is part of the cache key
+    store = _tracking_uri() if uri.startswith(MLFLOW_SCHEMES) else ""
+    # failures are remembered per URI as given, checked before resolving it: an outage costs no request at all
+    failed = cache / f"{_key(store, uri)}.failed"
+    _raise_if_failed_recently(failed, retry_after_s)
+    try:
+        # an alias/latest -> its version; a job's stable s3:// output -> the version its _PUBLISHED pointer names
+        # (mtn/publish.py): each version gets its own cache entry and a half-uploaded one is never read
+        resolved = _resolve_registry_uri(uri) if store else _resolve_published(uri)
+    except MTNError as e:
+        cache.mkdir(parents=True, exist_ok=True)
+        _remember_failure(failed, uri, str(e), retry_after_s)
+        raise
+    key = _key(store, resolved)
+    dest = cache / key
     if (dest / ".complete").is_file():
         return _find_marker(dest, marker, uri)
-    _raise_if_failed_recently(failed, retry_after_s)
     cache.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock, Timeout
 
@@ -81,24 +89,24 @@ def fetch_folder(uri: str, marker: str, cache_dir: str | Path | None = None, tim
             if (dest / ".complete").is_file():  # another process finished it while this one waited
                 return _find_marker(dest, marker, uri)
             _raise_if_failed_recently(failed, retry_after_s)  # ... or failed it: do not try again at once
-            _download_locked(uri, resolved, marker, cache, key, timeout_s, retry_after_s)
+            _download_locked(uri, resolved, marker, cache, key, failed, timeout_s, retry_after_s)
     except Timeout:
         raise MTNError(f"{uri}: another process on this node has held the download lock {lock.lock_file} for "
                        f"over {timeout_s + 30:.0f} s; is it stuck?") from None
     return _find_marker(dest, marker, uri)
 
 
-def _download_locked(uri: str, resolved: str, marker: str, cache: Path, key: str, timeout_s: float,
+def _download_locked(uri: str, resolved: str, marker: str, cache: Path, key: str, failed: Path, timeout_s: float,
                      retry_after_s: float) -> None:
     """Download into a fresh temp folder, check it, then publish it with one rename. Holds the key's lock."""
-    dest, failed = cache / key, cache / f"{key}.failed"
+    dest = cache / key
     for stale in [*cache.glob(f"{key}.part*"), dest]:  # left by a killed process (nobody else holds the lock)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{key}.part-", dir=cache))
     try:
         deadline = _clock() + timeout_s
         if uri.startswith("s3://"):
-            _download_s3(uri, tmp, deadline, timeout_s)
+            _download_s3(resolved, tmp, deadline, timeout_s)
         else:
             _download_mlflow(uri, resolved, tmp, deadline, timeout_s)
         _find_marker(tmp, marker, uri)  # a download without the marker is never cached as complete
@@ -112,6 +120,20 @@ def _download_locked(uri: str, resolved: str, marker: str, cache: Path, key: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     failed.unlink(missing_ok=True)
+
+
+def _key(store: str, uri: str) -> str:
+    return hashlib.sha256(f"{store}|{uri}".encode()).hexdigest()[:16]
+
+
+def _resolve_published(uri: str) -> str:
+    from mtn.publish import resolve_published
+
+    try:
+        return resolve_published(uri)
+    except Exception as e:  # s3fs/botocore raise several families; one line for the user
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise MTNError(f"cannot read the publish pointer of {uri} ({type(e).__name__}: {first})") from None
 
 
 # ----------------------------------------------------------------------------------------------- failure memory

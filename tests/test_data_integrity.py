@@ -87,19 +87,19 @@ def test_s3_cache_swap_prune_and_corruption(s3_endpoint):
     import boto3
 
     s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="features")
-    url = "s3://features/c"
+    s3.create_bucket(Bucket="integrity")  # its own bucket: the S3 server is shared by the session
+    url = "s3://integrity/c"
     write_cache(url, seed=0, generation="gen-a")
     new = [write_shard(url, rows(lo, lo + 10, 1), torch.float16, generation="gen-b") for lo in (0, 10)]
     assert torch.equal(load_features(url)["source"], torch.cat([rows(0, 10)["source"], rows(10, 20)["source"]]).half())
     manifest = write_manifest(url, RECORD, new, DIMS, "float16")
     assert prune_cache(url, manifest) == ["gen-a"]
-    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="features")["Contents"])
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="integrity")["Contents"])
     assert keys == ["c/gen-b/shard-00000000.safetensors", "c/gen-b/shard-00000010.safetensors", "c/manifest.json"]
     key = "c/gen-b/shard-00000010.safetensors"
-    data = bytearray(s3.get_object(Bucket="features", Key=key)["Body"].read())
+    data = bytearray(s3.get_object(Bucket="integrity", Key=key)["Body"].read())
     data[100] ^= 0xFF
-    s3.put_object(Bucket="features", Key=key, Body=bytes(data))
+    s3.put_object(Bucket="integrity", Key=key, Body=bytes(data))
     with pytest.raises(MTNError, match="shard gen-b/shard-00000010.safetensors is corrupted"):
         load_features(url)
 

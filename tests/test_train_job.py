@@ -75,6 +75,24 @@ def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path):
     assert run2.info.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5]
 
+    # the same name with another model / loss: refused before Ray starts, naming what changed; the published
+    # translator stays the step-5 one
+    third = run_job(*common, "max_steps=7", "hidden_dim=32", "loss_adv=0.02", cwd=tmp_path)
+    assert third.returncode == 2 and "Traceback" not in third.stderr, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "has a checkpoint (step 5) made with another config: hidden_dim 16 -> 32, loss_adv 0.01 -> 0.02." \
+        in third.stderr
+    assert "Started a local Ray instance" not in third.stdout + third.stderr
+    assert load_translator(out / "translator").manifest["training"]["steps"] == 5
+    # resume=never starts over under the same name: step 0, the new config, a new MLflow run, a new publish
+    fourth = run_job(*common, "max_steps=2", "hidden_dim=32", "resume=never", cwd=tmp_path)
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert "resume=never: deleted the checkpoints of run 'mtn-local'" in fourth.stdout
+    assert "resuming from the checkpoint" not in fourth.stdout + fourth.stderr
+    fresh = load_translator(out / "translator")
+    assert fresh.manifest["training"]["steps"] == 2 and fresh.manifest["training"]["config"]["hidden_dim"] == 32
+    assert len(client.search_runs([run.info.experiment_id])) == 2
+    assert not list(out.glob(".publish-*"))
+
 
 @pytest.mark.parametrize("overrides,match", [
     (["corpus=/nonexistent/corpus.txt"], "corpus file not found: /nonexistent/corpus.txt"),

@@ -1,0 +1,116 @@
+"""Resume only what matches: a re-run with the same `name` + `storage_path` continues the run's latest checkpoint
+only when its config matches the one recorded in that checkpoint.
+
+Every checkpoint's train_state.json records the config the run was started with (`config`, see
+mtn.distributed.load_checkpoint). Before any worker starts, the driver reads the checkpoint Ray Train would resume
+from (`<storage_path>/<name>/checkpoint_manager_snapshot.json` -> its latest checkpoint, local or s3://) and
+compares. `resume` (one config field) says what a difference does:
+
+    auto   (default) resume when nothing but the RESUMABLE keys changed; otherwise refuse, naming the changed keys
+    never  start at step 0: the run's checkpoints under <storage_path>/<name> are deleted first
+    force  resume although keys changed (the new values apply from the checkpoint's step on); you answer for it
+
+A checkpoint past the new max_steps is refused in auto and force (training cannot go back).
+"""
+
+from __future__ import annotations
+
+import json
+
+from mtn.errors import MTNError
+from mtn.publish import filesystem
+
+RESUME_MODES = ("auto", "never", "force")
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints (ray 2.60)
+STATE_FILE = "train_state.json"
+
+# The keys that may differ between a checkpoint and the run resuming it: none of them changes what is trained.
+# Everything else (model, data, losses, optimiser, precision, seed, num_workers, ...) must match.
+RESUMABLE = {
+    "max_steps": "extends the run (a cosine schedule is re-stretched to the new end); below the checkpoint: refused",
+    "log_every": "logging frequency", "val_every": "validation frequency",
+    "checkpoint_every": "checkpoint frequency", "num_checkpoints_to_keep": "checkpoint retention",
+    "max_failures": "restart budget", "stop_timeout_s": "preemption grace", "ray_address": "where the cluster is",
+    "cpus_per_worker": "resources per worker", "gpus_per_worker": "resources per worker",
+    "loader_workers": "DataLoader processes per worker (the data order does not depend on them)",
+    "checkpoint_staging_dir": "where checkpoints are staged", "resume": "this switch",
+    "name": "the run's name", "storage_path": "where checkpoints live", "output_dir": "where outputs are published",
+    "mlflow_tracking_uri": "tracking", "mlflow_experiment": "tracking", "mlflow_parent_run_id": "tracking",
+    "register_model": "what happens after training",
+    "val_prompts": "the logged validation grid only", "val_steps": "the logged validation grid only",
+    "val_guidance_scale": "the logged validation grid only", "val_seed": "the logged validation grid only",
+    # knobs of the other jobs sharing these configs (feature extraction, latent precomputation)
+    "extract_workers": "another job", "extract_batch_size": "another job", "extract_shard_rows": "another job",
+    "extract_gpus_per_worker": "another job", "precompute_workers": "another job",
+    "precompute_gpus_per_worker": "another job",
+}
+
+
+def changed_keys(saved: dict, current: dict) -> dict[str, tuple]:
+    """{key: (checkpoint's value, new value)} for every key outside RESUMABLE that differs. Keys only one side
+    has (a field the code added or removed since the checkpoint) are not compared."""
+    keys = (set(saved) & set(current)) - set(RESUMABLE)
+    return {k: (saved[k], current[k]) for k in sorted(keys) if saved[k] != current[k]}
+
+
+def latest_checkpoint_state(storage_path: str, name: str) -> tuple[str, dict] | None:
+    """(checkpoint path, its train_state.json) of the checkpoint Ray Train resumes `name` from; None if none."""
+    fs, root = filesystem(storage_path)
+    run = f"{root.rstrip('/')}/{name}"
+    try:
+        snapshot = json.loads(fs.cat_file(f"{run}/{SNAPSHOT}"))
+    except FileNotFoundError:
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    if not latest:
+        return None
+    path = f"{run}/{latest['checkpoint_dir_name']}"
+    try:
+        state = json.loads(fs.cat_file(f"{path}/{STATE_FILE}"))
+    except FileNotFoundError:
+        state = {}
+    shown = path if "://" not in storage_path else f"{storage_path.split('://')[0]}://{path}"
+    return shown, state
+
+
+def check_resume(cfg) -> None:
+    """The driver's check before workers start: raise MTNError (one line) when the run's latest checkpoint was made
+    with another config and cfg.resume is auto; with never, delete the run's checkpoints; print what happens."""
+    found = latest_checkpoint_state(cfg.storage_path, cfg.name)
+    if found is None:
+        return
+    path, state = found
+    step = state.get("step", 0)
+    where = f"run {cfg.name!r} under {cfg.storage_path}"
+    if cfg.resume == "never":
+        delete_run(cfg.storage_path, cfg.name)
+        print(f"resume=never: deleted the checkpoints of {where} (last at step {step}); starting at step 0")
+        return
+    if step > cfg.max_steps:
+        raise MTNError(f"{where} has a checkpoint at step {step}, past max_steps={cfg.max_steps}: raise max_steps, "
+                       "give another name=..., or set resume=never to start over")
+    if "config" not in state:  # written before checkpoints recorded their config
+        print(f"note: the checkpoint of {where} records no config; resuming at step {step} without checking it")
+        return
+    changes = changed_keys(state["config"], cfg.to_dict())
+    if not changes:
+        return
+    listed = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in changes.items())
+    if cfg.resume == "force":
+        print(f"resume=force: continuing {where} from step {step} with changed keys: {listed}")
+        return
+    raise MTNError(f"{where} has a checkpoint (step {step}) made with another config: {listed}. Use the same "
+                   "values, another name=..., resume=never (start over; deletes those checkpoints) or resume=force "
+                   "(continue with the new values)")
+
+
+def delete_run(storage_path: str, name: str) -> None:
+    fs, root = filesystem(storage_path)
+    run = f"{root.rstrip('/')}/{name}"
+    if fs.exists(run):
+        fs.rm(run, recursive=True)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
