@@ -5,18 +5,17 @@ import io
 import json
 import os
 import shutil
-import socket
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.serving import serve_on_loopback
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "seed",
           "num_images", "language"}
 LIMITS = {"max_width": 128, "max_height": 128, "max_steps": 8, "max_images": 2, "max_prompt_chars": 120,
@@ -25,28 +24,16 @@ LIMITS = {"max_width": 128, "max_height": 128, "max_steps": 8, "max_images": 2, 
 
 @pytest.fixture(scope="module")
 def url(tiny_serving):
-    import ray
-    from ray import serve
-
     from serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     pipe, tr = tiny_serving
     args = {"pipeline": str(pipe), "translators": {"de": str(tr), "multi": str(tr)}, "device": "cpu",
             "dtype": "float32", "limits": LIMITS,
             "defaults": {"num_inference_steps": 2, "guidance_scale": 5.0, "width": 32, "height": 32},
             # a long wait so that 8 concurrent requests surely meet in batches of up to 4
             "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 2.0}}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="mtn", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_on_loopback(build_app(args)) as url:
+        yield url
 
 
 def png(b64: str):

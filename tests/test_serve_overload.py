@@ -7,7 +7,6 @@ and the service serves normally afterwards.
 """
 
 import os
-import socket
 import statistics
 import time
 from collections import Counter
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from tests.serving import serve_on_loopback
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,14 +27,8 @@ ADMITTED = 4  # Generator: 2 ongoing + 2 queued
 
 @pytest.fixture(scope="module")
 def url(tiny_serving):
-    import ray
-    from ray import serve
-
     from serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     pipe, tr = tiny_serving
     args = {"pipeline": str(pipe), "translators": {"multi": str(tr)}, "hybrid_route": "multi",
             "fallback_route": "multi", "device": "cpu", "dtype": "float32",
@@ -42,14 +37,10 @@ def url(tiny_serving):
             "admission": {"max_queued_requests": 2, "retry_after_s": 2, "max_body_bytes": 4096},
             "auth": {"api_keys_env": KEY_ENV, "required": True}}
     os.environ[KEY_ENV] = KEY  # the replicas inherit it from the process that starts Ray (the chart: a Secret)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args, generator_options={"max_ongoing_requests": 2}), name="mtn", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        with serve_on_loopback(build_app(args, generator_options={"max_ongoing_requests": 2})) as url:
+            yield url
     finally:
-        serve.shutdown()
-        ray.shutdown()
         os.environ.pop(KEY_ENV, None)
 
 
