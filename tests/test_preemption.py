@@ -103,17 +103,20 @@ def start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
     return proc
 
 
-def job(out: Path, uri: str, log: Path) -> subprocess.Popen:
+def job(out: Path, uri: str, log: Path, max_steps: int) -> subprocess.Popen:
     """The tiny default config, tracked by the MLflow server at `uri`; no periodic checkpoint before the end."""
     env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_mtn.py"), f"output_dir={out}",
-                             f"mlflow_tracking_uri={uri}", f"max_steps={MAX_STEPS}", "log_every=1",
-                             "checkpoint_every=1000", "val_every=1000", "compare_linear=false"],
+                             f"mlflow_tracking_uri={uri}", f"max_steps={max_steps}", "log_every=1",
+                             f"checkpoint_every={NEVER}", f"val_every={NEVER}", "compare_linear=false"],
                             cwd=out.parent, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-MAX_STEPS = 80
+# run 1 cannot finish before its SIGTERM (once MLflow is down a step takes ~10 ms: a short run could end first);
+# run 2 resumes with max_steps (a resumable key) set a few steps past the preempted one
+NEVER = 1_000_000
+MORE_STEPS = 20
 
 
 def logged_steps(client) -> tuple[str | None, list[int]]:
@@ -128,8 +131,8 @@ def logged_steps(client) -> tuple[str | None, list[int]]:
 def test_mlflow_server_killed_mid_run_then_sigterm_then_the_rerun_resumes_and_publishes(tmp_path):
     """Both faults on real processes, in one pair of job runs (each run costs ~35 s of start-up):
     run 1: a real `mlflow server` is SIGKILLed after a few steps are logged; training goes on (one warning); then
-    SIGTERM to the driver: checkpoint at the next step boundary, exit 143. run 2, the same command with the server
-    still dead: resumes from that step (there is no other checkpoint), reaches max_steps, publishes the translator,
+    SIGTERM to the driver: checkpoint at the next step boundary, exit 143. run 2, the same command (max_steps set a few
+    steps past the stop) with the server still dead: resumes from that step (there is no other checkpoint), reaches max_steps, publishes the translator,
     and the failed MLflow upload prints its retry command; exit 0."""
     import mlflow
 
@@ -137,7 +140,7 @@ def test_mlflow_server_killed_mid_run_then_sigterm_then_the_rerun_resumes_and_pu
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(tmp_path, port)
     out, log1, log2 = tmp_path / "run", tmp_path / "first.log", tmp_path / "second.log"
-    first = job(out, uri, log1)
+    first = job(out, uri, log1, NEVER)
     try:
         client = mlflow.MlflowClient(uri)
         assert wait_for(lambda: len(logged_steps(client)[1]) >= 3 or first.poll() is not None, 240), \
@@ -157,13 +160,14 @@ def test_mlflow_server_killed_mid_run_then_sigterm_then_the_rerun_resumes_and_pu
     text = log1.read_text()
     assert rc == EXIT_CODE, text[-4000:]
     stopped = re.search(r"preempted at step (\d+) \(SIGTERM\)", text)
-    assert stopped and max(steps) < int(stopped.group(1)) < MAX_STEPS, text[-4000:]  # trained on after the kill
+    assert stopped and max(steps) < int(stopped.group(1)) < NEVER, text[-4000:]  # trained on after the kill
     assert "re-run the same command to resume" in text and not (out / "translator").exists()
     # the worker warns once per outage (Ray may relay a worker's line twice)
     warnings = {line[line.index("warning:"):] for line in text.splitlines() if "training goes on" in line}
     assert len(warnings) == 1 and f"MLflow at {uri} is unreachable" in warnings.pop(), text[-4000:]
 
-    second = job(out, uri, log2)
+    max_steps = int(stopped.group(1)) + MORE_STEPS
+    second = job(out, uri, log2, max_steps)
     assert second.wait(timeout=300) == 0, log2.read_text()[-4000:]
     text = log2.read_text()
     assert f"resuming from the checkpoint at step {stopped.group(1)}" in text  # not step 0
@@ -171,4 +175,4 @@ def test_mlflow_server_killed_mid_run_then_sigterm_then_the_rerun_resumes_and_pu
     assert "outputs ARE published" in text and f"--run-id {run_id}" in text  # the upload's retry command
     from mtn import load_translator
 
-    assert load_translator(out / "translator").manifest["training"]["steps"] == MAX_STEPS
+    assert load_translator(out / "translator").manifest["training"]["steps"] == max_steps
