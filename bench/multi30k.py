@@ -86,7 +86,7 @@ def machine() -> str:
 
 def cpu_capability() -> str:
     """torch's capability plus whether bf16 runs natively (the dtype `precision: auto` picks follows it)."""
-    from mtn.precision import describe
+    from mtn.train.precision import describe
 
     return describe("cpu")
 

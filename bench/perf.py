@@ -24,9 +24,9 @@ CONFIG = ROOT / "jobs" / "configs" / "multi30k.yaml"
 
 
 def job():
-    from mtn.config import load_job
+    from jobs import train_mtn
 
-    return load_job("train_mtn")
+    return train_mtn
 
 
 def config(*overrides):

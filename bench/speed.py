@@ -7,7 +7,7 @@
 All use jobs/configs/multi30k.yaml (source_lang=all unless --set source_lang=...): multilingual-e5-small ->
 all-MiniLM-L6-v2 on Multi30k, the real encoders from ../shared/tools/real-encoders. `train` needs the feature cache
 (python jobs/extract_features.py --config jobs/configs/multi30k.yaml). Results also append to
-bench/results/speed.jsonl with the CPU capability, since the CPU behind "2 cores" varies (mtn/precision.py).
+bench/results/speed.jsonl with the CPU capability, since the CPU behind "2 cores" varies (mtn/train/precision.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def config(overrides):
 
 
 def machine() -> dict:
-    from mtn.precision import resolve_precision
+    from mtn.train.precision import resolve_precision
 
     return {"cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "auto_precision": resolve_precision("auto"), "torch": torch.__version__, "platform": platform.machine()}
@@ -83,13 +83,12 @@ def plain_extract(cfg, pairs, batch: int) -> float:
 
 
 def bench_extract(overrides, n: int) -> None:
-    from mtn.config import load_job
+    from jobs import extract_features as job
     from mtn.data import config_pairs
     from mtn.data.features import expected_record
 
     cfg = config(overrides)
     pairs = config_pairs(cfg)[0][:n]
-    job = load_job("extract_features")
     with tempfile.TemporaryDirectory() as tmp:
         job.start_ray(cfg)  # a running cluster: start-up is not extraction throughput (reported apart below)
         t0 = time.perf_counter()
@@ -112,13 +111,12 @@ def bench_extract(overrides, n: int) -> None:
 # ----------------------------------------------------------------------------------------------- training
 def bare_steps_per_s(cfg, steps: int, warmup: int = 10) -> tuple[float, str]:
     """The job's own model, loss, batch order and precision in a bare loop (torch AdamW + clipping)."""
-    from mtn.config import load_job
+    from jobs import train_mtn as job
     from mtn.data.corpus import batch_indices
     from mtn.data.features import load_features
     from mtn.model import TokenDiscriminator
-    from mtn.precision import autocast, input_dtype, resolve_precision
+    from mtn.train.precision import autocast, input_dtype, resolve_precision
 
-    job = load_job("train_mtn")
     rows = load_features(cfg.feature_cache)
     torch.manual_seed(cfg.seed)
     d_s, d_t = rows["source"].shape[-1], rows["target"].shape[-1]

@@ -184,7 +184,7 @@ def generation(cfg: EvalConfig, pipe, translator, out: Path) -> tuple[list[dict]
 def evaluate(cfg: EvalConfig) -> dict:
     import mlflow
 
-    from mtn.tracking import MLflowTracker
+    from mtn.train.tracking import MLflowTracker
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

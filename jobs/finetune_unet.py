@@ -28,7 +28,10 @@ import torch
 
 from mtn.config import REPO_ROOT, load_config
 from mtn.diffusion import EMA, diffusion_loss, drop_captions, image_grid, sample_noise
-from mtn.distributed import (
+from mtn.errors import MTNError
+from mtn.finetune import FinetuneModule, conditioning, ensure_shards, setup_models
+from mtn.finetune_config import FinetuneConfig
+from mtn.train.checkpoint import (
     final_state,
     fit,
     load_checkpoint,
@@ -36,11 +39,8 @@ from mtn.distributed import (
     print_summary,
     report,
 )
-from mtn.errors import MTNError
-from mtn.finetune import FinetuneModule, conditioning, ensure_shards, setup_models
-from mtn.finetune_config import FinetuneConfig
-from mtn.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal
-from mtn.tracking import RunTracker, upload_outputs
+from mtn.train.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal
+from mtn.train.tracking import RunTracker, upload_outputs
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "finetune_local.yaml"
 
@@ -223,7 +223,7 @@ def train_loop_per_worker(config: dict):
     if rank == 0 and state["step"]:
         print(f"resuming from the checkpoint at step {state['step']} (epoch {data_pos['epoch']}, "
               f"{data_pos['batches']} batches into it)")
-    # never raises: MLflow may be down; SIGTERM to the driver -> checkpoint and return (mtn/preemption.py)
+    # never raises: MLflow may be down; SIGTERM to the driver -> checkpoint and return (mtn/train/preemption.py)
     tracker = RunTracker(cfg, state["mlflow_run_id"], job="finetune_unet") if rank == 0 else None
     stop = StopSignal(cfg.name, engine.device)
     loader = iter(setup_data(cfg, rank, world, data_pos["epoch"], data_pos["batches"]))

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtn.config import REPO_ROOT, load_config, load_job
+from mtn.config import REPO_ROOT, load_config
 from mtn.errors import MTNError
 from mtn.sweep import SweepConfig, best_row, needs_own_features, plot_metric_vs_lr, results_table, search_space
 
@@ -29,8 +29,10 @@ DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "sweep_local.yaml"
 
 
 def train_job():
-    """The training driver (the one job a sweep may import)."""
-    return load_job("train_mtn")
+    """The training driver (the one job a sweep imports)."""
+    from jobs import train_mtn
+
+    return train_mtn
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -67,7 +69,7 @@ def trial(config: dict, bases: dict[str, dict], parent_run_id: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mtn.config import TrainConfig
-    from mtn.distributed import fit
+    from mtn.train.checkpoint import fit
 
     job = train_job()
     params = {k: v for k, v in config.items() if k != "variant"}
@@ -165,7 +167,7 @@ def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
     import mlflow
     import ray
 
-    from mtn.tracking import MLflowTracker, register_folder
+    from mtn.train.tracking import MLflowTracker, register_folder
 
     tracker = MLflowTracker(cfg, _parent_id(cfg), job="sweep_mtn")
     (Path(cfg.output_dir) / "parent_run_id").write_text(tracker.run_id)

@@ -29,15 +29,15 @@ from mtn.config import REPO_ROOT, TrainConfig, load_config
 from mtn.data import config_files, config_pairs
 from mtn.data.corpus import batch_indices
 from mtn.data.features import check_cache, encode_rows, expected_record, load_features, read_manifest
-from mtn.distributed import final_state, fit, load_checkpoint, print_summary, report
 from mtn.encoders import load_text_encoder
 from mtn.errors import MTNError
 from mtn.losses import mtn_losses
 from mtn.metrics import alignment_metrics, target_ids
 from mtn.model import ModelTranslationNetwork, TokenDiscriminator
-from mtn.precision import describe, input_dtype, resolve_precision
-from mtn.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal
-from mtn.tracking import RunTracker, save_loss_curve, upload_outputs
+from mtn.train.checkpoint import final_state, fit, load_checkpoint, print_summary, report
+from mtn.train.precision import describe, input_dtype, resolve_precision
+from mtn.train.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal
+from mtn.train.tracking import RunTracker, save_loss_curve, upload_outputs
 
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
 
@@ -259,7 +259,7 @@ def train_loop_per_worker(config: dict):
         print(f"resuming from the checkpoint at step {state['step']} (same name + storage_path); "
               f"give another name=... for a fresh run")
     tracker = RunTracker(cfg, state["mlflow_run_id"]) if rank == 0 else None  # never raises: MLflow may be down
-    stop = StopSignal(cfg.name, engine.device)  # SIGTERM to the driver -> checkpoint and return (mtn/preemption.py)
+    stop = StopSignal(cfg.name, engine.device)  # SIGTERM to the driver -> checkpoint and return (mtn/train/preemption.py)
 
     start = state["step"]
     bar = tqdm(total=cfg.max_steps, desc="train_mtn") if rank == 0 else None

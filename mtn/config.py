@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from mtn.errors import MTNError
-from mtn.precision import PRECISIONS
+from mtn.train.precision import PRECISIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ class TrainConfig:
     num_checkpoints_to_keep: int = 2
     # a re-run with the same name + storage_path: auto (resume if the config matches the checkpoint's, else refuse
     # naming the changed keys) | never (delete the run's checkpoints, start at step 0) | force (resume anyway);
-    # the keys that may change without refusing: mtn/resume.py RESUMABLE
+    # the keys that may change without refusing: mtn/train/resume.py RESUMABLE
     resume: str = "auto"
     checkpoint_staging_dir: str | None = None  # where ranks write a checkpoint before Ray stores it (free space is
     #                                            checked first): an absolute path on the worker nodes;
@@ -114,12 +114,12 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     zero_stage: int = 0  # 0-3
     offload_optimizer: bool = False
-    precision: str = "fp32"  # auto | fp32 | amp-bf16 | bf16 | fp16 (mtn/precision.py; auto: bf16 autocast where native)
+    precision: str = "fp32"  # auto | fp32 | amp-bf16 | bf16 | fp16 (mtn/train/precision.py; auto: bf16 autocast where native)
     max_failures: int = 0
     storage_path: str = "{output_dir}/ray_results"  # local path or s3://
     ray_address: str | None = None  # None: $RAY_ADDRESS or a local cluster
     stop_timeout_s: float = 300.0  # after SIGTERM: time to checkpoint at a step boundary before exiting
-    #                               without one (mtn/preemption.py); a second SIGTERM exits at once
+    #                               without one (mtn/train/preemption.py); a second SIGTERM exits at once
     # --- tracking
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///{output_dir}/mlflow.db
     mlflow_experiment: str = "mtn"
@@ -262,18 +262,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def config_field_names() -> list[str]:
     return list(FIELDS)
-
-
-def load_job(name: str):
-    """A job script of jobs/ as a module (jobs are scripts, not a package): its setup_* / main for a sweep,
-    a benchmark or a test to call."""
-    import importlib.util
-
-    path = REPO_ROOT / "jobs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def comma_list(text, cast=str) -> list:

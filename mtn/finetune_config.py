@@ -65,7 +65,7 @@ class FinetuneConfig:
     num_checkpoints_to_keep: int = 2
     # a re-run with the same name + storage_path: auto (resume if the config matches the checkpoint's, else refuse
     # naming the changed keys) | never (delete the run's checkpoints, start at step 0) | force (resume anyway);
-    # the keys that may change without refusing: mtn/resume.py RESUMABLE
+    # the keys that may change without refusing: mtn/train/resume.py RESUMABLE
     resume: str = "auto"
     checkpoint_staging_dir: str | None = None  # where ranks write a checkpoint before Ray stores it (free space is
     #                                            checked first): an absolute path on the worker nodes;
@@ -80,7 +80,7 @@ class FinetuneConfig:
     storage_path: str = "{output_dir}/ray_results"
     ray_address: str | None = None
     stop_timeout_s: float = 300.0  # after SIGTERM: time to checkpoint at a step boundary before exiting
-    #                               without one (mtn/preemption.py); a second SIGTERM exits at once
+    #                               without one (mtn/train/preemption.py); a second SIGTERM exits at once
     # --- tracking
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///{output_dir}/mlflow.db
     mlflow_experiment: str = "mtn-finetune"

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from mtn.diffusion import EMA, diffusion_loss, drop_captions, image_grid, loss_weights, sample_noise, snr
-from mtn.distributed import lr_factor
+from mtn.train.checkpoint import lr_factor
 
 
 def test_ema_update_matches_the_formula():

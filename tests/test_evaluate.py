@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_job():
-    from mtn.config import load_job as load
+    from jobs import evaluate
 
-    return load("evaluate")
+    return evaluate
 
 
 # ------------------------------------------------------------------------------------------- prompt sets

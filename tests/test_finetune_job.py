@@ -100,7 +100,7 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(tmp_
     """A real fault from outside: SIGKILL to a Ray Train worker process once a checkpoint is registered. Ray Train
     replaces the worker group, training resumes from the latest checkpoint, the step count is continuous and the
     final pipeline is published whole."""
-    from mtn.resume import latest_checkpoint_state
+    from mtn.train.resume import latest_checkpoint_state
 
     out, max_steps = tmp_path / "run", 10
     env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "PYTHONUNBUFFERED": "1"}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mtn.precision import autocast, bf16_is_fast, describe, input_dtype, resolve_precision
+from mtn.train.precision import autocast, bf16_is_fast, describe, input_dtype, resolve_precision
 
 
 def test_auto_follows_the_measured_hardware_and_explicit_choices_stay():
@@ -24,10 +24,11 @@ def test_autocast_computes_linear_layers_in_bf16_and_fp32_stays_fp32():
 @pytest.mark.parametrize("precision,autocast_on,bf16_weights", [("amp-bf16", True, False), ("bf16", False, True),
                                                                 ("fp32", False, False)])
 def test_deepspeed_config_per_precision(precision, autocast_on, bf16_weights):
-    from mtn.config import REPO_ROOT, load_config, load_job
+    from jobs import train_mtn
+    from mtn.config import REPO_ROOT, load_config
 
     cfg = load_config(REPO_ROOT / "jobs/configs/local.yaml", [f"precision={precision}", "lr_schedule=cosine",
                                                                "lr_min_ratio=0.1"])
-    ds = load_job("train_mtn").deepspeed_config(cfg, micro_batch=cfg.batch_size)
+    ds = train_mtn.deepspeed_config(cfg, micro_batch=cfg.batch_size)
     assert ds["torch_autocast"]["enabled"] is autocast_on and ds["bf16"]["enabled"] is bf16_weights
     assert ds["scheduler"]["params"]["cos_min_ratio"] == 0.1

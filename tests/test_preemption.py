@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mtn.preemption import EXIT_CODE, Preempted, StopOnSigterm
+from mtn.train.preemption import EXIT_CODE, Preempted, StopOnSigterm
 
 ROOT = Path(__file__).parents[1]
 

@@ -1,5 +1,5 @@
-"""Resume only what matches (mtn/resume.py), checkpoint staging with a free-space check, worker errors in one line
-(mtn/distributed.py). No Ray here: the run folders are laid out as Ray Train 2.60 writes them (the job tests in
+"""Resume only what matches (mtn/train/resume.py), checkpoint staging with a free-space check, worker errors in one line
+(mtn/train/checkpoint.py). No Ray here: the run folders are laid out as Ray Train 2.60 writes them (the job tests in
 tests/test_train_job.py check the same against real runs)."""
 
 import json
@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtn import distributed, resume
 from mtn.config import TrainConfig
 from mtn.errors import MTNError
 from mtn.finetune_config import FinetuneConfig
+from mtn.train import checkpoint as distributed
+from mtn.train import resume
 
 
 def config(**kw) -> TrainConfig:

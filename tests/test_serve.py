@@ -152,7 +152,7 @@ def test_registry_uris_are_cached_per_store_and_only_when_complete(tiny_serving,
     refused every time, never cached as if it were complete."""
     import mlflow
 
-    from mtn.tracking import register_folder
+    from mtn.train.tracking import register_folder
 
     folders = []
     for store, logged in (("a", tiny_serving[1]), ("b", tiny_serving[1] / "mtn")):  # b: no translator.json

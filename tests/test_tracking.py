@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mtn.tracking import QUICK_HTTP, RunTracker, main, quick_http_env, redact, upload_outputs
+from mtn.train.tracking import QUICK_HTTP, RunTracker, main, quick_http_env, redact, upload_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +183,7 @@ def test_failed_upload_prints_a_retry_command_that_works(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "outputs ARE published" in err
     cmd = shlex.split(err.strip().splitlines()[-1])
-    assert cmd[1:4] == ["-m", "mtn.tracking", "upload"] and cmd[cmd.index("--tracking-uri") + 1] == dead
+    assert cmd[1:4] == ["-m", "mtn.train.tracking", "upload"] and cmd[cmd.index("--tracking-uri") + 1] == dead
 
     # the same command against a store that works (the server is back): uploads, registers, ends the run
     store = f"sqlite:///{tmp_path}/mlflow.db"

@@ -13,9 +13,9 @@ JOB = ROOT / "jobs" / "train_mtn.py"
 
 
 def load_job():
-    from mtn.config import load_job as load
+    from jobs import train_mtn
 
-    return load("train_mtn")
+    return train_mtn
 
 
 def run_job(*overrides, cwd):
@@ -47,7 +47,7 @@ def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path):
     assert tr.manifest["training"]["config"]["zero_stage"] == 2
     assert tr.mtn.config.block_layout == "mixer" and tr.mtn.config.standardize
     assert tr.mtn.target_std.min() > 0 and not torch.equal(tr.mtn.source_mean, torch.zeros_like(tr.mtn.source_mean))
-    from mtn.precision import resolve_precision
+    from mtn.train.precision import resolve_precision
 
     assert tr.manifest["training"]["config"]["precision"] == resolve_precision("auto")  # what auto chose is recorded
     assert f"precision: {resolve_precision('auto')} (auto)" in first.stdout + first.stderr

@@ -216,7 +216,7 @@ def test_registry_alias_is_resolved_to_its_version(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from mtn.tracking import register_folder
+    from mtn.train.tracking import register_folder
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

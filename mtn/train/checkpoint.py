@@ -5,7 +5,7 @@ Checkpoints: every rank writes its DeepSpeed shard (and any per-rank files) into
 ranks' folders under `storage_path` (local, NFS or s3://). Rank 0 adds the loop state (`train_state.json`), which
 records the run's config. `load_checkpoint` is the resume path, after a worker failure (`FailureConfig(max_failures)`)
 or a re-run with the same `name` + `storage_path`; before that, `fit` checks the config against the checkpoint's
-(mtn/resume.py). `final_state` publishes the final checkpoint's artifacts to output_dir (mtn/publish.py).
+(mtn/train/resume.py). `final_state` publishes the final checkpoint's artifacts to output_dir (mtn/publish.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def load_checkpoint(engine, default: dict, extra: Callable[[Path], None] | None 
                     config: dict | None = None) -> dict:
     """Restore the engine (and `extra(dir)`, e.g. EMA weights or data positions) from Ray's latest checkpoint;
     -> the saved loop state, or `default` on a fresh start. `config` (the driver's config dict) goes into the state,
-    so that every later checkpoint records the config it was made with (mtn/resume.py compares it)."""
+    so that every later checkpoint records the config it was made with (mtn/train/resume.py compares it)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -183,12 +183,12 @@ def fit(train_loop, cfg, env: dict | None = None, callbacks: list | None = None,
     """Run `train_loop(cfg.to_dict())` on cfg.num_workers Ray Train workers; -> the Ray Train Result.
     cfg needs: name, storage_path, num_workers, use_gpu, cpus_per_worker, gpus_per_worker, max_failures,
     num_checkpoints_to_keep, ray_address, resume, max_steps. First, before Ray starts, the run's latest checkpoint
-    is checked against cfg (mtn/resume.py). An MTNError raised in a worker comes back as MTNError (one line)."""
+    is checked against cfg (mtn/train/resume.py). An MTNError raised in a worker comes back as MTNError (one line)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mtn.resume import check_resume
+    from mtn.train.resume import check_resume
 
     check_resume(cfg)
     env = {**({"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}), **(env or {})}
@@ -197,7 +197,7 @@ def fit(train_loop, cfg, env: dict | None = None, callbacks: list | None = None,
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         local = {} if address else {"num_cpus": max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker)}
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, **local)
-    if on_ray_ready is not None:  # e.g. mtn.preemption re-installs its SIGTERM handler over ray.init's
+    if on_ray_ready is not None:  # e.g. mtn.train.preemption re-installs its SIGTERM handler over ray.init's
         on_ray_ready()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
     trainer = TorchTrainer(

@@ -9,7 +9,7 @@ is resumed (same run id, kept in the checkpoint) after a restart, so one trainin
 
 `upload_outputs` is the driver's last step, after the final checkpoint and the publish: artifacts and model
 registration. It never fails the job: a failed upload prints a warning and the command that retries it
-(`python -m mtn.tracking upload ...`).
+(`python -m mtn.train.tracking upload ...`).
 
 `MLflowTracker` is the plain fluent tracker of the evaluate and sweep drivers (errors propagate there).
 Secrets never reach MLflow: params come from the config, which holds no credentials; URIs are printed with any
@@ -252,7 +252,7 @@ def upload_outputs(tracking_uri: str, run_id: str | None, artifacts: dict[str, s
         sys.stdout.write(f"MLflow: outputs uploaded to run {run_id}" + (f"; registered as {uri}\n" if uri else "\n"))
         sys.stdout.flush()  # not print: Ray's progress-bar manager may still patch it
         return "ok"
-    cmd = [sys.executable, "-m", "mtn.tracking", "upload", "--tracking-uri", redact(tracking_uri)]
+    cmd = [sys.executable, "-m", "mtn.train.tracking", "upload", "--tracking-uri", redact(tracking_uri)]
     cmd += ["--run-id", run_id] if run_id else ["--experiment", experiment, "--run-name", run_name]
     cmd += [a for name, src in artifacts.items() for a in ("--artifact", f"{name}={src}")]
     if register:
@@ -394,8 +394,8 @@ def save_loss_curve(history: list[dict], path: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    """`python -m mtn.tracking upload ...`: the retry a job prints when its MLflow upload failed."""
-    p = argparse.ArgumentParser(prog="python -m mtn.tracking", description=main.__doc__)
+    """`python -m mtn.train.tracking upload ...`: the retry a job prints when its MLflow upload failed."""
+    p = argparse.ArgumentParser(prog="python -m mtn.train.tracking", description=main.__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("upload", help="log published outputs to an MLflow run, register, end the run")
     up.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),

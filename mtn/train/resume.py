@@ -2,7 +2,7 @@
 only when its config matches the one recorded in that checkpoint.
 
 Every checkpoint's train_state.json records the config the run was started with (`config`, see
-mtn.distributed.load_checkpoint). Before any worker starts, the driver reads the checkpoint Ray Train would resume
+mtn.train.checkpoint.load_checkpoint). Before any worker starts, the driver reads the checkpoint Ray Train would resume
 from (`<storage_path>/<name>/checkpoint_manager_snapshot.json` -> its latest checkpoint, local or s3://) and
 compares. `resume` (one config field) says what a difference does:
 
