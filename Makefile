@@ -7,6 +7,9 @@ TORCH_PIP_ARGS ?=
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS = 0
 
 HELM := .tools/bin/helm
+# 2 pytest-xdist workers, one test file each at a time, files with slow tests first (tests/conftest.py): the slow
+# tests wait much of their time (process start-ups, polls, servers), so two at once overlap. PYTEST_XDIST= runs serially.
+PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup tools train test test-fast lint
 setup: $(BIN)/.installed
@@ -27,7 +30,7 @@ train: setup  ## the MTN training job on the embedded default (jobs/configs/loca
 	$(BIN)/python jobs/train_mtn.py
 
 test: setup tools  ## the whole suite, slow multi-process job tests included (what CI runs)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra $(PYTEST_XDIST)
 
 test-fast: setup  ## everything but the multi-process Ray/DeepSpeed job tests
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -94,16 +94,15 @@ def cpu_capability() -> str:
 def score(translator: Path, lang: str) -> dict:
     """The translator's model on each cached test set of `lang` (no encoders: the cache holds their outputs)."""
     from mtn.baselines import predict
-    from mtn.data.features import load_features, read_manifest
+    from mtn.data.features import load_features, read_feature_manifest
     from mtn.metrics import alignment_metrics
-    from mtn.translator import load_translation_model
-    from mtn.translator import read_manifest as read_translator
+    from mtn.translator import load_translation_model, read_translator_manifest
 
-    model, spec = load_translation_model(translator), read_translator(translator)["source_encoder"]
+    model, spec = load_translation_model(translator), read_translator_manifest(translator)["source_encoder"]
     out = {}
     for ts in TEST_SETS[lang]:
         url = str(ROOT / test_cache(lang, ts))
-        cache = read_manifest(url)
+        cache = read_feature_manifest(url)
         for key in ("name_or_path", "max_length", "prefix"):
             if cache["source_encoder"][key] != spec[key]:
                 sys.exit(f"{url} was extracted with another source encoder {key}: {cache['source_encoder'][key]!r}")
@@ -140,7 +139,7 @@ def run_row(row: str, lang: str, overrides: list[str], extra: list[str], key: st
 def ablation(path: str) -> None:
     """Every (num_modules, variant) trial of a sweep-style ablation config (jobs/configs/ablations/*.yaml) trained
     to the end through jobs/train_mtn.py and scored on the test sets: rows named `<config stem>/<variant>`."""
-    from mtn.config import comma_list, load_config
+    from mtn.config import load_config
     from mtn.sweep import SweepConfig
 
     cfg = load_config(ROOT / path, cls=SweepConfig)
@@ -150,11 +149,11 @@ def ablation(path: str) -> None:
         sys.exit(f"{path}: an ablation runs at one lr (lr_min == lr_max); this one is a search, run it with "
                  "jobs/sweep_mtn.py")
     stem = Path(path).stem
-    for modules in comma_list(cfg.num_modules, int):
+    for modules in cfg.num_modules:
         for variant, overrides in cfg.variant_map().items():
-            args = [*cfg.base_overrides.split(), f"lr={cfg.lr_min}", f"num_modules={modules}", *overrides]
+            args = [*cfg.base_overrides, f"lr={cfg.lr_min}", f"num_modules={modules}", *overrides]
             lang = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("source_lang=")), "all")
-            name = f"{stem}/{variant or 'base'}" + (f"-{modules}" if len(comma_list(cfg.num_modules, int)) > 1 else "")
+            name = f"{stem}/{variant or 'base'}" + (f"-{modules}" if len(cfg.num_modules) > 1 else "")
             key = trial_key(args)
             done = [r for r in RESULTS.read_text().splitlines() if key in r] if RESULTS.exists() else []
             if done:  # the same trial already ran for another ablation (the recipe is in most of them): reuse it

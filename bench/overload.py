@@ -74,11 +74,12 @@ def run(url: str, clients: int, duration: float, max_requests: int, backoff: boo
 
 def start_local(ongoing: int, queued: int, steps: int, size: int) -> str:
     """Tiny models in a temp folder, Ray on 2 CPUs, the app on a free loopback port."""
-    import ray
     from ray import serve
 
-    sys.path.insert(0, str(ROOT))  # `serve` is this repo's package (the replicas get it through PYTHONPATH)
-    from mtn.pipeline import build_tiny_sd_pipeline, build_tiny_translator
+    sys.path.insert(0, str(ROOT))  # `serve` is this repo's package
+    from mtn.tiny.sd import build_tiny_sd_pipeline
+    from mtn.tiny.translator import build_tiny_translator
+    from mtn.train.cluster import init_ray
     from serve.app import build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="mtn-overload-"))
@@ -92,8 +93,7 @@ def start_local(ongoing: int, queued: int, steps: int, size: int) -> str:
             "defaults": {"num_inference_steps": steps, "guidance_scale": 5.0, "width": size, "height": size},
             "batching": {"max_batch_size": ongoing, "batch_wait_timeout_s": 0.05},
             "admission": {"max_queued_requests": queued, "retry_after_s": 1}}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-             logging_level="WARNING", log_to_driver=False)
+    init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args, generator_options={"max_ongoing_requests": ongoing}), name="mtn", route_prefix="/")
     return f"http://127.0.0.1:{port}"

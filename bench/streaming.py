@@ -59,7 +59,7 @@ def start_s3():
 
 
 def make_shards(args) -> list[Path]:
-    from mtn.data.shards import write_tiny_shards
+    from mtn.tiny.shards import write_tiny_shards
 
     folder = Path(args.cache) / f"{args.shards}x{args.per_shard}-{args.size}px"
     done = folder / ".complete"
@@ -104,7 +104,8 @@ def bench_reader(urls):
 
 
 def bench_loader(urls, args, workers):
-    from mtn.data.shards import ShardStream, StreamConfig, make_loader
+    from mtn.data.loader import make_loader
+    from mtn.data.shards import ShardStream, StreamConfig
 
     def run():
         cfg = StreamConfig(resolution=args.resolution, shuffle_buffer=args.buffer)
@@ -126,8 +127,9 @@ def bench_ray(endpoint, bucket, args):
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     from mtn.data.imageproc import decode_image, train_transform
+    from mtn.train.cluster import init_ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http", access_key="test",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,19 +24,20 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from mtn.config import REPO_ROOT, load_config
+from mtn.config import load_config
 from mtn.errors import MTNError
-from mtn.eval.config import TINY_PIPELINE, EvalConfig
+from mtn.eval.config import EvalConfig
 from mtn.eval.report import compare_table, fetch_runs, tables
 
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "evaluate_local.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "evaluate_local.yaml"
 ALIGN_COLUMNS = ["language", "pairs", "token_mse", "pooled_cosine", "r@1", "r@5"]
 GEN_COLUMNS = ["guidance", "route", "images", "clip_score", "mclip_score", "fid"]
 
 
 # ----------------------------------------------------------------------------------------------- setup
 def setup_translator(cfg: EvalConfig):
-    from mtn.translator import ensure_default_translator, load_translation_model, load_translator, read_manifest
+    from jobs.bootstrap import ensure_default_translator
+    from mtn.translator import load_translation_model, load_translator, read_translator_manifest
     from mtn.uris import MLFLOW_SCHEMES, fetch_folder
 
     if cfg.train_if_missing and not cfg.translator.startswith(("s3://", *MLFLOW_SCHEMES)):
@@ -45,7 +45,7 @@ def setup_translator(cfg: EvalConfig):
     folder = fetch_folder(cfg.translator, "translator.json")
     if cfg.align_feature_cache and not cfg.pipeline:
         # the caches hold the source LM's outputs and nothing generates: skip loading the LM (T5-3B: minutes, GBs)
-        return SimpleNamespace(mtn=load_translation_model(folder), manifest=read_manifest(folder),
+        return SimpleNamespace(mtn=load_translation_model(folder), manifest=read_translator_manifest(folder),
                                source_encoder=None)
     return load_translator(folder, device=cfg.device, source_encoder=cfg.source_encoder)
 
@@ -61,13 +61,9 @@ def setup_target_encoder(cfg: EvalConfig, translator):
 
 
 def setup_pipeline(cfg: EvalConfig):
-    from mtn.pipeline import build_tiny_sd_pipeline, load_pipeline, set_scheduler
+    from mtn.pipeline import load_pipeline
     from mtn.uris import MLFLOW_SCHEMES, fetch_folder
 
-    if cfg.pipeline == TINY_PIPELINE:
-        pipe = build_tiny_sd_pipeline()
-        set_scheduler(pipe, cfg.scheduler)
-        return pipe.to(cfg.device)
     remote = cfg.pipeline.startswith(("s3://", *MLFLOW_SCHEMES))
     where = str(fetch_folder(cfg.pipeline, "model_index.json")) if remote else cfg.pipeline
     return load_pipeline(where, device=cfg.device, scheduler=cfg.scheduler)
@@ -77,11 +73,11 @@ def setup_pipeline(cfg: EvalConfig):
 def language_rows(cfg: EvalConfig, lang: str, translator, target) -> dict[str, torch.Tensor]:
     """Cache-shaped rows (source, source_mask, target, target_mask) of one language's parallel test set."""
     from mtn.data.corpus import load_pairs
-    from mtn.data.features import encode_rows, load_features, read_manifest
+    from mtn.data.features import encode_rows, load_features, read_feature_manifest
 
     cache = cfg.for_lang(cfg.align_feature_cache, lang)
     if cache:
-        manifest = read_manifest(cache)
+        manifest = read_feature_manifest(cache)
         spec = translator.manifest["source_encoder"]
         for key in ("name_or_path", "max_length", "prefix"):
             if manifest["source_encoder"][key] != spec[key]:
@@ -99,7 +95,7 @@ def alignment(cfg: EvalConfig, translator, out: Path) -> tuple[list[dict], Path 
 
     target = None if cfg.align_feature_cache else setup_target_encoder(cfg, translator)
     rows, groups = [], {}
-    for lang in tqdm(cfg.language_list, desc="alignment", unit="language"):
+    for lang in tqdm(cfg.languages, desc="alignment", unit="language"):
         feats = language_rows(cfg, lang, translator, target)
         pred = predict(translator.mtn, feats)  # [N, S_t, d_t]
         rows.append({"language": lang, "pairs": len(pred),
@@ -158,7 +154,7 @@ def generation(cfg: EvalConfig, pipe, translator, out: Path) -> tuple[list[dict]
     rows, grids = [], {}
     routes = [("translated", translator, prompts)] + ([("native", None, reference)]
                                                       if cfg.fid_reference == "native" else [])
-    for g in tqdm(cfg.guidance_list, desc="generation", unit="guidance scale"):
+    for g in tqdm(cfg.guidance_scales, desc="generation", unit="guidance scale"):
         stats = {}
         for route, tr, texts in routes:
             images = render(cfg, pipe, tr, texts, g, out / "images" / f"{route}-g{g:g}")
@@ -242,10 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, cls=EvalConfig)
-        cfg.output_dir = str(Path(cfg.output_dir).resolve())
-        cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                                   or f"sqlite:///{cfg.output_dir}/mlflow.db")
+        cfg = load_config(args.config, args.overrides, cls=EvalConfig).resolve_paths()
         if args.compare:
             print(compare_table(fetch_runs(args.tracking_uri or cfg.mlflow_tracking_uri, args.compare)), end="")
             return 0

@@ -17,7 +17,6 @@ matches but whose shards fail their checksums is re-extracted. Then train with t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtn.config import REPO_ROOT, TrainConfig, load_config
+from mtn.config import TrainConfig, load_config
 from mtn.data import config_files, config_pairs
 from mtn.data.features import (
     check_cache,
@@ -34,12 +33,13 @@ from mtn.data.features import (
     new_generation,
     prune_cache,
     verify_shards,
-    write_manifest,
+    write_feature_manifest,
     write_shard,
 )
 from mtn.errors import MTNError
+from mtn.train.cluster import init_ray, local_cpus
 
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 SORT_WINDOW = 16  # encoder batches per actor call, each side sorted by token count within it
 
 
@@ -105,7 +105,7 @@ def extract(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, record: di
             raise MTNError(f"extraction wrote {sum(s['rows'] for s in shards)} rows for {len(pairs)} pairs")
         dims = {"source_len": cfg.source_max_length, "target_len": cfg.target_max_length,
                 "source_dim": int(out[0]["source_dim"]), "target_dim": int(out[0]["target_dim"])}
-        manifest = write_manifest(url, record, shards, dims, cfg.feature_dtype,  # the swap: old cache -> new one
+        manifest = write_feature_manifest(url, record, shards, dims, cfg.feature_dtype,  # the swap: old cache -> new one
                                   extra={"source_zero_padded": True, "target_zero_padded": not cfg.cache_target_padding})
     except BaseException:
         discard_generation(url, generation)
@@ -142,12 +142,9 @@ def encode_and_write(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, g
 
 
 def start_ray(cfg: TrainConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        need = cfg.extract_workers * cfg.cpus_per_worker
-        ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, need)}))
+    """Join or start Ray (mtn/train/cluster.py); left running until the process exits (both caches share it)."""
+    init_ray(cfg.ray_address, local_cpus(cfg.extract_workers * cfg.cpus_per_worker),
+             use_gpu=bool(cfg.extract_gpus_per_worker))
 
 
 def up_to_date(url: str, record: dict, cfg: TrainConfig) -> bool:
@@ -169,10 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="re-extract even when a cache already matches the config")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        for key in ("feature_cache", "val_feature_cache"):  # Ray workers may run in another directory
-            if getattr(cfg, key) and "://" not in getattr(cfg, key):
-                setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
+        cfg = load_config(args.config, args.overrides).resolve_paths()  # Ray workers may run in another directory
         if not cfg.feature_cache:
             raise MTNError("config: set feature_cache=PATH (local folder or s3://) to say where features go")
         train, val = config_pairs(cfg)

@@ -18,59 +18,54 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from mtn.config import REPO_ROOT, load_config
-from mtn.diffusion import EMA, diffusion_loss, drop_captions, image_grid, sample_noise
+from mtn.config import load_config
+from mtn.diffusion import diffusion_loss, drop_captions, sample_noise
 from mtn.errors import MTNError
-from mtn.finetune import FinetuneModule, conditioning, ensure_shards, setup_models
-from mtn.finetune_config import FinetuneConfig
-from mtn.train.checkpoint import (
-    final_state,
-    fit,
-    load_checkpoint,
-    lr_factor,
-    print_summary,
-    report,
+from mtn.finetune import (
+    FinetuneModule,
+    conditioning,
+    ensure_shards,
+    load_ema,
+    make_ema,
+    save_ema,
+    setup_models,
+    validation_grid,
 )
-from mtn.train.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal
+from mtn.finetune_config import FinetuneConfig
+from mtn.train.checkpoint import final_state, load_checkpoint, report
+from mtn.train.deepspeed import initialize_engine
+from mtn.train.fit import fit_or_preempt, print_summary
+from mtn.train.precision import input_dtype
+from mtn.train.preemption import EXIT_CODE, Preempted, StopSignal
 from mtn.train.tracking import RunTracker, upload_outputs
 
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "finetune_local.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune_local.yaml"
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def deepspeed_config(cfg: FinetuneConfig) -> dict:
-    zero = {"stage": cfg.zero_stage, **({"offload_optimizer": {"device": "cpu"}} if cfg.offload_optimizer else {})}
-    return {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.grad_clip, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-            "zero_force_ds_cpu_optimizer": False, "bf16": {"enabled": cfg.precision == "bf16"},
-            "fp16": {"enabled": cfg.precision == "fp16"}, "steps_per_print": 10**9}
-
-
 def setup_engine(cfg: FinetuneConfig, pipe, translator):
-    """DeepSpeed engine over UNet (+ MTN); our AdamW keeps one lr per group, LambdaLR scales both alike."""
-    import deepspeed
-
+    """DeepSpeed engine over UNet (+ MTN when it trains jointly): one param group per model, each its own lr."""
     mtn = translator.mtn if (cfg.train_mtn and translator is not None) else None
-    module = FinetuneModule(pipe.unet, mtn)
     groups = [{"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": cfg.lr}]
     if mtn is not None:
         groups.append({"params": [p for p in mtn.parameters() if p.requires_grad], "lr": cfg.mtn_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
-    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg))
-    return engine
+    return initialize_engine(FinetuneModule(pipe.unet, mtn), groups, cfg, cfg.micro_batch, cfg.grad_accum)
 
 
-def setup_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batches: int):
-    from mtn.data.shards import ShardStream, StreamConfig, list_shards, make_loader
+def open_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batches: int):
+    """This rank's batches of one epoch, `skip_batches` in: dicts of precomputed latents + text features
+    (cfg.precomputed, mtn/data/latents.py) or of images + captions (webdataset shards, mtn/data/shards.py)."""
+    from mtn.data.loader import make_loader
+    from mtn.data.shards import ShardStream, StreamConfig, list_shards
 
     if cfg.precomputed:  # latents + text features from jobs/precompute_latents.py: no VAE / text encoder per step
         from mtn.data.latents import LatentBatches
@@ -86,45 +81,150 @@ def setup_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batc
     return make_loader(stream, cfg.micro_batch, num_workers=cfg.loader_workers)
 
 
+@dataclass
+class WorkerData:
+    """One rank's batches across epochs: its position (epoch, batches into it; checkpointed for an exact mid-epoch
+    resume), the time spent waiting for data, and the loader's skip counts summed over the run."""
+
+    cfg: FinetuneConfig
+    rank: int
+    world: int
+    pos: dict = field(default_factory=lambda: {"epoch": 0, "batches": 0})
+    skipped: dict = field(default_factory=dict)
+    wait_s: float = 0.0
+    loader: object = None  # opened at the first batch, after a resume restored `pos`
+
+    def next(self) -> dict:
+        t0 = time.perf_counter()
+        if self.loader is None:
+            self.loader = iter(open_data(self.cfg, self.rank, self.world, self.pos["epoch"], self.pos["batches"]))
+        try:
+            batch = next(self.loader)
+        except StopIteration:  # this rank's share of the epoch is done: the next epoch reshuffles shards
+            self.pos.update(epoch=self.pos["epoch"] + 1, batches=0)
+            self.loader = iter(open_data(self.cfg, self.rank, self.world, self.pos["epoch"], 0))
+            batch = next(self.loader)
+        self.wait_s += time.perf_counter() - t0
+        self.pos["batches"] += 1
+        for k, v in batch.pop("stats", {}).items():
+            self.skipped[k] = self.skipped.get(k, 0) + v
+        return batch
+
+
+@dataclass
+class Worker:
+    """What one rank trains with (built by `setup_worker`)."""
+
+    cfg: FinetuneConfig
+    rank: int
+    world: int
+    dtype: torch.dtype
+    pipe: object  # the diffusers pipeline: UNet (trained), VAE and text encoder (frozen)
+    noise_scheduler: object  # DDPM: the training noise schedule and target (epsilon | v_prediction)
+    translator: object  # source LM + MTN, or None (the pipeline's own text encoder)
+    engine: object  # DeepSpeed engine over FinetuneModule
+    ema: object  # diffusers EMAModel of the UNet (rank 0, ema_decay > 0) or None
+    data: WorkerData
+    state: dict  # the loop state checkpointed by rank 0: step, mlflow_run_id, history
+    empty: object  # precomputed mode: the frozen route's features of "" for caption dropout, else None
+
+
+def setup_worker(config: dict) -> Worker:
+    """Models, the DeepSpeed engine and EMA, then the latest checkpoint (engine, EMA, data position) if any."""
+    import ray.train
+
+    cfg = FinetuneConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    dtype = input_dtype(cfg.precision)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    pipe, noise_scheduler, translator = setup_models(cfg, device, dtype)
+    engine = setup_engine(cfg, pipe, translator)
+    ema = make_ema(engine.module.unet, cfg.ema_decay) if cfg.ema_decay and rank == 0 else None
+    data = WorkerData(cfg, rank, world)
+    state = load_checkpoint(engine, {"step": 0, "mlflow_run_id": None, "history": []},
+                            restore_extra(rank, data.pos, ema), config=config)
+    if rank == 0 and state["step"]:
+        print(f"resuming from the checkpoint at step {state['step']} (epoch {data.pos['epoch']}, "
+              f"{data.pos['batches']} batches into it)")
+    # the frozen route's encoding of "" for caption dropout on stored features: once, not per micro-batch
+    empty = conditioning(cfg, pipe, translator, [""], device) if cfg.precomputed else None
+    return Worker(cfg, rank, world, dtype, pipe, noise_scheduler, translator, engine, ema, data, state, empty)
+
+
 # ----------------------------------------------------------------------------------------------- one step
-def micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen: torch.Generator, rng: random.Random,
-               dtype, empty=None) -> float:
-    """One micro-batch forward/backward. `empty`: the empty prompt's text features (precomputed mode only)."""
-    device = engine.device
-    if "latent_mean" in batch:  # precomputed: sample the stored VAE posterior
-        mean = batch["latent_mean"].to(device, torch.float32)  # [b, 4, h, w]
-        latents = mean + batch["latent_std"].to(device, torch.float32) * torch.randn(
-            mean.shape, generator=gen, device=device)
-        cond = precomputed_conditioning(cfg, batch, empty, rng, device)
-    else:
-        pixels = batch["pixel_values"].to(device, dtype)  # [b, 3, R, R] in [-1, 1]
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
-        cond = conditioning(cfg, pipe, translator, drop_captions(batch["captions"], cfg.caption_dropout, rng), device)
-    latents = latents.to(dtype)  # [b, 4, R/f, R/f]
-    noise = sample_noise(latents, gen, cfg.noise_offset)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
-                      device=device)  # [b]
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    cond = tuple(c.to(dtype) if c.is_floating_point() else c for c in cond) if isinstance(cond, tuple) \
-        else cond.to(dtype)
-    loss = diffusion_loss(engine(noisy, t, cond), latents, noise, t, noise_scheduler, cfg.snr_gamma)
-    engine.backward(loss)
-    engine.step()
-    return loss.item()
+def micro_rngs(seed: int, step: int, rank: int, micro: int, device) -> tuple[torch.Generator, random.Random]:
+    """Independent random streams of one micro-batch: torch (VAE posterior sample, noise, timesteps) and python
+    (caption dropout). numpy's SeedSequence(seed, spawn_key=(step, rank, micro)) hashes the whole tuple, so distinct
+    tuples get distinct streams (a weighted sum like seed * p + step * q + rank * r collides) and a resumed step
+    draws exactly what it drew the first time."""
+    torch_seed, python_seed = np.random.SeedSequence(seed, spawn_key=(step, rank, micro)).generate_state(2, np.uint64)
+    return torch.Generator(device).manual_seed(int(torch_seed)), random.Random(int(python_seed))
 
 
-def precomputed_conditioning(cfg, batch, empty, rng: random.Random, device):
-    """Stored text features, with caption dropout applied as rows replaced by the empty prompt's features
-    (`empty`: [1, S, d] or ([1, S_s, d_s], [1, S_s]), encoded once per run)."""
-    drop = torch.tensor([rng.random() < cfg.caption_dropout for _ in range(len(batch["latent_mean"]))])  # [b]
-    if "text" in batch:
+def stored_latents(w: Worker, batch: dict, gen: torch.Generator, rng: random.Random):
+    """Precomputed batch -> (latents [b, 4, h, w] sampled from the stored VAE posterior, conditioning): the stored
+    text features with caption dropout as rows replaced by the empty prompt's (`w.empty`: [1, S, d], or
+    ([1, S_s, d_s], [1, S_s]) when the MTN trains, as mtn/finetune.conditioning gives)."""
+    device = w.engine.device
+    mean = batch["latent_mean"].to(device, torch.float32)  # [b, 4, h, w]
+    latents = mean + batch["latent_std"].to(device, torch.float32) * torch.randn(mean.shape, generator=gen,
+                                                                                 device=device)
+    drop = torch.tensor([rng.random() < w.cfg.caption_dropout for _ in range(len(mean))], device=device)  # [b]
+    if not w.cfg.train_mtn:  # the manifest's text kind "prompt_embeds" (checked in prepare)
         text = batch["text"].to(device, torch.float32)  # [b, S_t, d_t]
-        return torch.where(drop.to(device)[:, None, None], empty.float().expand_as(text), text)
+        return latents, torch.where(drop[:, None, None], w.empty.float().expand_as(text), text)
     src, mask = batch["source"].to(device, torch.float32), batch["source_mask"].to(device)  # [b, S_s, d_s], [b, S_s]
-    src = torch.where(drop.to(device)[:, None, None], empty[0].float().expand_as(src), src)
-    mask = torch.where(drop.to(device)[:, None], empty[1].expand_as(mask), mask)
-    return src, mask
+    src = torch.where(drop[:, None, None], w.empty[0].float().expand_as(src), src)
+    return latents, (src, torch.where(drop[:, None], w.empty[1].expand_as(mask), mask))
+
+
+def encoded_latents(w: Worker, batch: dict, gen: torch.Generator, rng: random.Random):
+    """Image batch -> (latents [b, 4, R/f, R/f] from the frozen VAE, conditioning of the dropped-out captions)."""
+    device = w.engine.device
+    pixels = batch["pixel_values"].to(device, w.dtype)  # [b, 3, R, R] in [-1, 1]
+    with torch.no_grad():
+        latents = w.pipe.vae.encode(pixels).latent_dist.sample(generator=gen) * w.pipe.vae.config.scaling_factor
+    captions = drop_captions(batch["captions"], w.cfg.caption_dropout, rng)
+    return latents, conditioning(w.cfg, w.pipe, w.translator, captions, device)
+
+
+def micro_step(w: Worker, batch: dict, gen: torch.Generator, rng: random.Random) -> tuple[float, int]:
+    """One micro-batch forward/backward (DeepSpeed steps the optimizer at the last of grad_accum) -> (loss, rows)."""
+    latents, cond = (stored_latents if w.cfg.precomputed else encoded_latents)(w, batch, gen, rng)
+    latents = latents.to(w.dtype)  # [b, 4, h, w]
+    noise = sample_noise(latents, gen, w.cfg.noise_offset)
+    t = torch.randint(0, w.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
+                      device=latents.device)  # [b]
+    noisy = w.noise_scheduler.add_noise(latents, noise, t)
+    cond = tuple(c.to(w.dtype) if c.is_floating_point() else c for c in cond) if isinstance(cond, tuple) \
+        else cond.to(w.dtype)
+    loss = diffusion_loss(w.engine(noisy, t, cond), latents, noise, t, w.noise_scheduler, w.cfg.snr_gamma)
+    w.engine.backward(loss)
+    w.engine.step()
+    return loss.item(), len(latents)
+
+
+def train_step(w: Worker, step: int) -> tuple[float, int]:
+    """One optimizer step: grad_accum micro-batches, then the EMA -> (mean loss, rows this rank trained on)."""
+    losses, rows = [], 0
+    for micro in range(w.cfg.grad_accum):
+        batch = w.data.next()
+        loss, n = micro_step(w, batch, *micro_rngs(w.cfg.seed, step, w.rank, micro, w.engine.device))
+        losses.append(loss)
+        rows += n
+    if w.ema is not None:
+        w.ema.step(w.engine.module.unet.parameters())
+    return sum(losses) / len(losses), rows
+
+
+def step_metrics(w: Worker, step: int, loss: float, images: int, elapsed: float) -> dict:
+    """`images`: rows this rank trained on since this attempt started, `elapsed` seconds ago."""
+    return {"step": step, "train/loss": loss, "train/lr": w.engine.get_lr()[0],
+            "perf/images_per_s": images * w.world / elapsed, "perf/images_per_s_per_worker": images / elapsed,
+            "perf/data_wait_frac": w.data.wait_s / elapsed, "epoch": w.data.pos["epoch"],
+            **{f"data/{k}": v for k, v in w.data.skipped.items()}}
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -137,161 +237,100 @@ def gathered(engine, cfg: FinetuneConfig):
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
-@torch.no_grad()
-def validation_grid(cfg: FinetuneConfig, pipe, translator, unet):
-    """Fixed prompts and seeds -> one PIL grid (a row per prompt, images at the training resolution)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from mtn.pipeline import generate
-
-    val_pipe = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                       unet=unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    val_pipe.set_progress_bar_config(disable=True)
-    prompts = cfg.prompts
-    was_training = unet.training
-    unet.eval()
-    images = generate(val_pipe, translator, prompts, seeds=[cfg.val_seed] * len(prompts), num_images=2,
-                      num_inference_steps=cfg.val_steps, guidance_scale=cfg.val_guidance_scale,
-                      width=cfg.resolution, height=cfg.resolution)
-    unet.train(was_training)
-    return image_grid(images, cols=2)
+def validate(w: Worker, step: int, tracker) -> None:
+    """Every rank enters (ZeRO-3 gathers the weights collectively); rank 0 renders and logs the grid."""
+    with gathered(w.engine, w.cfg):
+        if w.rank == 0:
+            grid = validation_grid(w.cfg, w.pipe, w.translator, w.engine.module.unet)
+            tracker.log_image(grid, f"validation/step_{step:06d}.png")
+    w.engine.module.train()
 
 
-def save_final(tmp: Path, cfg, pipe, translator, engine, ema, state) -> None:
+def save_final(tmp: Path, w: Worker) -> None:
     """Rank 0: pipeline/ (EMA weights when enabled) and translator/ with save_pretrained (the driver uploads and
     registers them in MLflow after publishing them)."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_config(engine.module.unet.config)
-    unet.load_state_dict({k: v.detach().float().cpu() for k, v in engine.module.unet.state_dict().items()})
-    if ema is not None:
-        ema.copy_to(unet.parameters())
-    final = type(pipe)(**{**pipe.components, "unet": unet})
+    unet = UNet2DConditionModel.from_config(w.engine.module.unet.config)
+    unet.load_state_dict({k: v.detach().float().cpu() for k, v in w.engine.module.unet.state_dict().items()})
+    if w.ema is not None:
+        w.ema.copy_to(unet.parameters())
+    final = type(w.pipe)(**{**w.pipe.components, "unet": unet})
     final.to("cpu", torch.float32).save_pretrained(tmp / "pipeline")
-    if translator is not None:
-        translator.mtn.float().cpu()
-        translator.save(tmp / "translator", training={"finetune": cfg.to_dict(), "steps": state["step"]})
-    (tmp / "metrics.json").write_text(json.dumps(state.get("final_metrics", {}), indent=2))
+    if w.translator is not None:
+        w.translator.mtn.float().cpu()
+        w.translator.save(tmp / "translator", training={"finetune": w.cfg.to_dict(), "steps": w.state["step"]})
+    (tmp / "metrics.json").write_text(json.dumps(w.state.get("final_metrics", {}), indent=2))
 
 
-# ----------------------------------------------------------------------------------------------- loop
-def checkpoint_extra(rank: int, data_pos: dict, ema):
-    """Per-rank data position (exact mid-epoch resume) and rank 0's EMA weights, beside the DeepSpeed shards."""
-    from safetensors.torch import save_file
+# ----------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_extra(w: Worker, final: bool = False):
+    """Per-rank data position (exact mid-epoch resume) and rank 0's EMA weights, beside the DeepSpeed shards;
+    `final`: also the pipeline + translator to publish (every rank enters: ZeRO-3 gathers collectively)."""
 
     def write(d: Path) -> None:
-        (d / f"data_rank{rank}.json").write_text(json.dumps(data_pos))
-        if ema is not None:
-            st = ema.state_dict()
-            save_file(st["shadow"], str(d / "ema.safetensors"))
-            (d / "ema.json").write_text(json.dumps({"decay": st["decay"], "updates": st["updates"]}))
+        (d / f"data_rank{w.rank}.json").write_text(json.dumps(w.data.pos))
+        if w.ema is not None:
+            save_ema(w.ema, d)
+        if final:
+            with gathered(w.engine, w.cfg):
+                if w.rank == 0:
+                    save_final(d, w)
 
     return write
 
 
 def restore_extra(rank: int, data_pos: dict, ema):
-    from safetensors.torch import load_file
-
     def read(d: Path) -> None:
         if (d / f"data_rank{rank}.json").is_file():
             data_pos.update(json.loads((d / f"data_rank{rank}.json").read_text()))
         else:  # another world size than the checkpoint's: positions do not map, restart the epoch
             print(f"rank {rank}: no data position in the checkpoint (world size changed?); epoch restarts")
         if ema is not None and (d / "ema.safetensors").is_file():
-            ema.load_state_dict({**json.loads((d / "ema.json").read_text()), "shadow": load_file(d / "ema.safetensors")})
+            load_ema(ema, d)
 
     return read
 
 
+# ----------------------------------------------------------------------------------------------- loop
 def train_loop_per_worker(config: dict):
-    import ray.train
     from ray.experimental.tqdm_ray import tqdm
 
-    cfg = FinetuneConfig(**config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    pipe, noise_scheduler, translator = setup_models(cfg, device, dtype)
-    engine = setup_engine(cfg, pipe, translator)
-    ema = EMA(engine.module.unet.parameters(), cfg.ema_decay) if cfg.ema_decay and rank == 0 else None
-    data_pos = {"epoch": 0, "batches": 0}
-    state = load_checkpoint(engine, {"step": 0, "mlflow_run_id": None, "history": []},
-                            restore_extra(rank, data_pos, ema), config=config)
-    if rank == 0 and state["step"]:
-        print(f"resuming from the checkpoint at step {state['step']} (epoch {data_pos['epoch']}, "
-              f"{data_pos['batches']} batches into it)")
+    w = setup_worker(config)
+    cfg, state = w.cfg, w.state
     # never raises: MLflow may be down; SIGTERM to the driver -> checkpoint and return (mtn/train/preemption.py)
-    tracker = RunTracker(cfg, state["mlflow_run_id"], job="finetune_unet") if rank == 0 else None
-    stop = StopSignal(cfg.name, engine.device)
-    loader = iter(setup_data(cfg, rank, world, data_pos["epoch"], data_pos["batches"]))
-    # the frozen route's encoding of "" for caption dropout on stored features: once, not per micro-batch
-    empty = conditioning(cfg, pipe, translator, [""], device) if cfg.precomputed else None
-    bar = tqdm(total=cfg.max_steps, desc="finetune_unet") if rank == 0 else None
+    tracker = RunTracker(cfg, state["mlflow_run_id"], job="finetune_unet") if w.rank == 0 else None
+    stop = StopSignal(cfg.name, w.engine.device)
+    bar = tqdm(total=cfg.max_steps, desc="finetune_unet") if tracker else None
     if bar:
         bar.update(state["step"])
-    engine.module.train()
-    skipped: dict[str, int] = {}
-    t_start, images, wait = time.perf_counter(), 0, 0.0
+    w.engine.module.train()
+    t_start, images = time.perf_counter(), 0
     for step in range(state["step"] + 1, cfg.max_steps + 1):
-        losses = []
-        for micro in range(cfg.grad_accum):
-            t0 = time.perf_counter()
-            try:
-                batch = next(loader)
-            except StopIteration:  # this rank's share of the epoch is done: the next epoch reshuffles shards
-                data_pos.update(epoch=data_pos["epoch"] + 1, batches=0)
-                loader = iter(setup_data(cfg, rank, world, data_pos["epoch"], 0))
-                batch = next(loader)
-            wait += time.perf_counter() - t0
-            data_pos["batches"] += 1
-            for k, v in batch.get("stats", {}).items():
-                skipped[k] = skipped.get(k, 0) + v
-            gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank * 17 + micro)
-            rng = random.Random(cfg.seed * 7919 + step * 31 + rank * 3 + micro)
-            losses.append(micro_step(cfg, engine, pipe, noise_scheduler, translator, batch, gen, rng, dtype, empty))
-            images += len(batch["latent_mean"] if "latent_mean" in batch else batch["captions"])
-        if ema is not None:
-            ema.update()
+        loss, rows = train_step(w, step)
+        images += rows
         state["step"] = step
-        elapsed = time.perf_counter() - t_start
-        metrics = {"step": step, "train/loss": sum(losses) / len(losses), "train/lr": engine.get_lr()[0],
-                   "perf/images_per_s": images * world / elapsed, "perf/images_per_s_per_worker": images / elapsed,
-                   "perf/data_wait_frac": wait / elapsed, "epoch": data_pos["epoch"],
-                   **{f"data/{k}": v for k, v in skipped.items()}}
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
-            with gathered(engine, cfg):
-                if rank == 0:
-                    grid = validation_grid(cfg, pipe, translator, engine.module.unet)
-                    tracker.log_image(grid, f"validation/step_{step:06d}.png")
-            engine.module.train()
+        metrics = step_metrics(w, step, loss, images, time.perf_counter() - t_start)
+        last = step == cfg.max_steps
+        if step % cfg.val_every == 0 or last:
+            validate(w, step, tracker)
         if tracker:
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or last:
                 tracker.log_metrics(metrics, step)
                 state["mlflow_run_id"] = tracker.run_id
                 state["history"].append({k: v for k, v in metrics.items() if k.startswith(("train/", "perf/"))})
             bar.update(1)
-            bar.set_description(f"finetune_unet loss {metrics['train/loss']:.4f}")
-        extra = checkpoint_extra(rank, data_pos, ema)
-        if step == cfg.max_steps:
+            bar.set_description(f"finetune_unet loss {loss:.4f}")
+        if last:
             state["final_metrics"] = {k: v for k, v in metrics.items() if k != "step"}
-            if bar:
+            if bar:  # before the final report: the driver prints its summary once the checkpoint is in
                 bar.close()
                 bar = None
-
-            def final(d: Path, extra=extra):
-                extra(d)
-                with gathered(engine, cfg):
-                    if rank == 0:
-                        save_final(d, cfg, pipe, translator, engine, ema, state)
-
-            report(engine, state, metrics, rank, final)
+            report(w.engine, state, metrics, w.rank, checkpoint_extra(w, final=True))
         elif stop.check() or step % cfg.checkpoint_every == 0:  # every rank calls check() at every step
-            report(engine, state, metrics, rank, extra)
+            report(w.engine, state, metrics, w.rank, checkpoint_extra(w))
             if stop.stopping:
-                if rank == 0:
+                if w.rank == 0:
                     print(f"stop requested: checkpoint saved at step {step}", flush=True)
                 break
     if bar:
@@ -303,20 +342,14 @@ def train_loop_per_worker(config: dict):
 # ----------------------------------------------------------------------------------------------- driver
 def prepare(cfg: FinetuneConfig) -> FinetuneConfig:
     """Absolute local paths (workers run elsewhere), MLflow default, toy shards when asked; fail fast on data."""
-    for key in ("output_dir", "storage_path", "train_shards"):  # a folder, glob or list file: made absolute
-        if "://" not in getattr(cfg, key):
-            setattr(cfg, key, str(Path(getattr(cfg, key)).expanduser().resolve()))
-    cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                               or f"sqlite:///{cfg.output_dir}/mlflow.db")
+    cfg.resolve_paths()  # output_dir, storage_path, train_shards (folder, glob or list file), precomputed
     if "://" not in cfg.output_dir:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.precomputed:
-        from mtn.data.latents import check_manifest, read_manifest
+        from mtn.data.latents import check_latents_manifest, read_latents_manifest
 
-        if "://" not in cfg.precomputed:
-            cfg.precomputed = str(Path(cfg.precomputed).resolve())
-        manifest = read_manifest(cfg.precomputed)
-        check_manifest(manifest, cfg.pipeline, cfg.translator, cfg.resolution,
+        manifest = read_latents_manifest(cfg.precomputed)
+        check_latents_manifest(manifest, cfg.pipeline, cfg.translator, cfg.resolution,
                        "source" if cfg.train_mtn else "prompt_embeds")
         print(f"{manifest['rows']} precomputed samples in {len(manifest['files'])} files from {cfg.precomputed}")
         return cfg
@@ -343,10 +376,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = prepare(load_config(args.config, args.overrides, cls=FinetuneConfig))
-        stop = StopOnSigterm(cfg.name, cfg.stop_timeout_s)
-        with stop:
-            result = fit(train_loop_per_worker, cfg, on_ray_ready=stop.install)
-        stop.raise_if_preempted(result, cfg.max_steps)
+        result = fit_or_preempt(train_loop_per_worker, cfg)
     except MTNError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -359,9 +389,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary:
-        upload_outputs(cfg.mlflow_tracking_uri, summary["mlflow_run_id"],
-                       {"pipeline": summary["pipeline"], "translator": summary["translator"]},
-                       cfg.register_model, "pipeline", experiment=cfg.mlflow_experiment, run_name=cfg.name)
+        model = {"pipeline": summary["pipeline"], **({"translator": summary["translator"]} if cfg.translator else {})}
+        upload_outputs(cfg.mlflow_tracking_uri, summary["mlflow_run_id"], {}, model, cfg.register_model,
+                       experiment=cfg.mlflow_experiment, run_name=cfg.name)
     return 0 if summary else 1
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from mtn.config import REPO_ROOT, load_config
-from mtn.data.latents import write_file, write_manifest
+from mtn.config import load_config
+from mtn.data.latents import write_file, write_latents_manifest
 from mtn.errors import MTNError
 from mtn.finetune import conditioning, ensure_shards, setup_models
 from mtn.finetune_config import FinetuneConfig
+from mtn.train.cluster import ray_session
 
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "finetune_local.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune_local.yaml"
 
 
 def text_kind(cfg: FinetuneConfig) -> str:
@@ -43,7 +44,8 @@ class EncodeShards:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        from mtn.data.shards import ShardStream, StreamConfig, make_loader
+        from mtn.data.loader import make_loader
+        from mtn.data.shards import ShardStream, StreamConfig
 
         stream_cfg = StreamConfig(resolution=self.cfg.resolution, center_crop=True, random_flip=False,
                                   shuffle_buffer=1, seed=0, min_caption_chars=self.cfg.min_caption_chars,
@@ -77,23 +79,19 @@ def run(cfg: FinetuneConfig, out: str) -> dict:
     import ray
 
     shards = ensure_shards(cfg)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=cfg.ray_address, log_to_driver=True)
-    ds = ray.data.from_items([{"shard": s} for s in shards])
-    ds = ds.map_batches(EncodeShards, fn_constructor_kwargs={"config": cfg.to_dict(), "out": out}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.precompute_workers),
-                        num_gpus=cfg.precompute_gpus_per_worker or None)
-    files = sorted(({"name": r["name"], "rows": int(r["rows"])} for r in ds.iter_rows() if int(r["rows"])),
-                   key=lambda f: f["name"])
-    if started_here:
-        ray.shutdown()
+    with ray_session(cfg.ray_address, use_gpu=bool(cfg.precompute_gpus_per_worker), log_to_driver=True):
+        ds = ray.data.from_items([{"shard": s} for s in shards])
+        ds = ds.map_batches(EncodeShards, fn_constructor_kwargs={"config": cfg.to_dict(), "out": out}, batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.precompute_workers),
+                            num_gpus=cfg.precompute_gpus_per_worker or None)
+        files = sorted(({"name": r["name"], "rows": int(r["rows"])} for r in ds.iter_rows() if int(r["rows"])),
+                       key=lambda f: f["name"])
     if not files:
         raise MTNError(f"no samples could be read from {cfg.train_shards}")
     record = {"pipeline": cfg.pipeline, "translator": cfg.translator, "resolution": cfg.resolution,
               "text": text_kind(cfg), "source_shards": cfg.train_shards, "files": files,
               "rows": sum(f["rows"] for f in files)}
-    write_manifest(out, record)
+    write_latents_manifest(out, record)
     return record
 
 
@@ -108,8 +106,7 @@ def main(argv=None) -> int:
         if "://" not in out:
             out = str(Path(out).resolve())
             Path(out).mkdir(parents=True, exist_ok=True)
-        if "://" not in cfg.train_shards:
-            cfg.train_shards = str(Path(cfg.train_shards).resolve())
+        cfg.resolve_paths()  # Ray workers may run in another directory
         record = run(cfg, out)
     except MTNError as e:
         print(f"error: {e}", file=sys.stderr)

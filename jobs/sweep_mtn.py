@@ -15,8 +15,6 @@ fatal. Re-running the same command after the driver died resumes the sweep (Tune
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +22,9 @@ from pathlib import Path
 from mtn.config import REPO_ROOT, load_config
 from mtn.errors import MTNError
 from mtn.sweep import SweepConfig, best_row, needs_own_features, plot_metric_vs_lr, results_table, search_space
+from mtn.train.cluster import local_cpus, ray_session
 
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "sweep_local.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sweep_local.yaml"
 
 
 def train_job():
@@ -43,7 +42,7 @@ def setup_bases(cfg: SweepConfig) -> dict[str, dict]:
     config = REPO_ROOT / cfg.base_config if not Path(cfg.base_config).is_absolute() else Path(cfg.base_config)
     bases = {}
     for variant, extra in cfg.variant_map().items():
-        overrides = [*shlex.split(cfg.base_overrides), *extra]
+        overrides = [*cfg.base_overrides, *extra]
         base = job.prepare_config(config, overrides)
         if not base.feature_cache or needs_own_features(extra):
             feats = Path(cfg.output_dir) / "features" / (variant or ".")
@@ -69,7 +68,7 @@ def trial(config: dict, bases: dict[str, dict], parent_run_id: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mtn.config import TrainConfig
-    from mtn.train.checkpoint import fit
+    from mtn.train.fit import fit
 
     job = train_job()
     params = {k: v for k, v in config.items() if k != "variant"}
@@ -151,11 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, cls=SweepConfig)
-        cfg.output_dir = str(Path(cfg.output_dir).resolve())
+        cfg = load_config(args.config, args.overrides, cls=SweepConfig).resolve_paths()
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                                   or f"sqlite:///{cfg.output_dir}/mlflow.db")
         bases = setup_bases(cfg)
         return sweep(cfg, bases)
     except MTNError as e:
@@ -165,19 +161,14 @@ def main(argv=None) -> int:
 
 def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
     import mlflow
-    import ray
 
-    from mtn.train.tracking import MLflowTracker, register_folder
+    from mtn.mlflow_models import CHAMPION, log_translator, register
+    from mtn.train.tracking import MLflowTracker
 
     tracker = MLflowTracker(cfg, _parent_id(cfg), job="sweep_mtn")
     (Path(cfg.output_dir) / "parent_run_id").write_text(tracker.run_id)
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    # locally, one logical CPU of slack for the trial drivers (0.01 CPU each, they only wait on their trainers)
-    local = {} if address else {"num_cpus": (os.cpu_count() or 1) + 1}
-    ray.init(address=address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT),
-                                                         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}, **local)
-    grid = run_tuner(cfg, bases, tracker.run_id)
-    ray.shutdown()
+    with ray_session(**ray_options(cfg, bases)):
+        grid = run_tuner(cfg, bases, tracker.run_id)
     rows = rows_of(grid, bases)
     csv_text, md = results_table(rows)
     out = Path(cfg.output_dir)
@@ -202,16 +193,25 @@ def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
     print(f"best trial {best['trial']}: lr={best['lr']:.3g} num_modules={best['num_modules']} "
           f"{cfg.metric}={best[cfg.metric]:.4f}, token MSE margin over the linear map {margin:+.2f}%")
     if cfg.register_model and margin is not None and margin >= cfg.gate_margin_pct:
-        mlflow.log_artifacts(best["translator"], "best_translator")
-        uri = register_folder(mlflow, cfg.register_model, tracker.run_id, "best_translator")
-        mlflow.set_tag("mtn.registered_model", uri)
-        print(f"registered the best translator as {uri} (it beats the linear map by {margin:.2f}% >= "
+        # a pyfunc model of the sweep's run (its "Logged models"), registered and promoted: models:/<name>@champion
+        info = log_translator(tracker.run_id, best["translator"], "best_translator", cfg.mlflow_tracking_uri)
+        uri = register(mlflow.MlflowClient(cfg.mlflow_tracking_uri), cfg.register_model, info, alias=CHAMPION)
+        mlflow.set_tags({"mtn.registered_model": uri, "mtn.champion": f"models:/{cfg.register_model}@{CHAMPION}"})
+        print(f"registered the best translator as {uri}, alias {CHAMPION} (it beats the linear map by {margin:.2f}% >= "
               f"{cfg.gate_margin_pct}%)")
     elif cfg.register_model:
         print(f"not registered: the best trial's margin over the linear baseline ({margin}) is below the gate "
               f"({cfg.gate_margin_pct}%); see {out / 'results.md'}")
     mlflow.end_run()
     return 0
+
+
+def ray_options(cfg: SweepConfig, bases: dict[str, dict]) -> dict:
+    """init_ray's arguments for the sweep (mtn/train/cluster.py): the trials' workers get DS_ACCELERATOR=cpu only
+    when no trial uses a GPU. Locally, one logical CPU of slack for the trial drivers (0.01 CPU each: they only wait
+    on their trainers)."""
+    return {"address": cfg.ray_address, "num_cpus": local_cpus() + 1,
+            "use_gpu": any(base["use_gpu"] for base in bases.values())}
 
 
 def _parent_id(cfg: SweepConfig) -> str | None:

@@ -7,39 +7,41 @@
 Reads text (monolingual or parallel) and runs the frozen source and target encoders on each batch, or reads a
 feature cache from jobs/extract_features.py (`feature_cache`, checked against the config; no encoders loaded).
 Trains the MTN (+ token discriminator when loss_adv > 0), or fits a closed-form baseline (method=linear |
-pooled_linear, mtn/baselines.py); an MTN run also fits the linear map and reports its margin over it. It validates every `val_every` steps (token MSE, pooled cosine,
-R@1/R@5), checkpoints through `ray.train.report` (resumed after worker failures or when re-run with the same
+pooled_linear, mtn/baselines.py); an MTN run also fits the linear map and reports its margin over it. It validates
+every `val_every` steps (token MSE, pooled cosine, R@1/R@5), checkpoints through `ray.train.report` (resumed after worker failures or when re-run with the same
 `name` and `storage_path`), logs to MLflow on rank 0, and writes the translator to `{output_dir}/translator`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mtn.baselines import baseline_rows, fit_baseline, linear_margin
-from mtn.config import REPO_ROOT, TrainConfig, load_config
+from mtn.baselines import fit_baseline, linear_margin
+from mtn.config import TrainConfig, load_config
 from mtn.data import config_files, config_pairs
 from mtn.data.corpus import batch_indices
-from mtn.data.features import check_cache, encode_rows, expected_record, load_features, read_manifest
-from mtn.encoders import load_text_encoder
+from mtn.data.features import check_cache, encode_rows, expected_record, load_features, read_feature_manifest
+from mtn.encoders import FrozenTextEncoder, load_text_encoder
 from mtn.errors import MTNError
 from mtn.losses import mtn_losses
 from mtn.metrics import alignment_metrics, target_ids
 from mtn.model import ModelTranslationNetwork, TokenDiscriminator
-from mtn.train.checkpoint import final_state, fit, load_checkpoint, print_summary, report
+from mtn.train.checkpoint import checkpoint_or_stop, final_state, load_checkpoint, report
+from mtn.train.deepspeed import initialize_engine
+from mtn.train.fit import fit_or_preempt, print_summary
 from mtn.train.precision import describe, input_dtype, resolve_precision
-from mtn.train.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal
+from mtn.train.preemption import EXIT_CODE, Preempted, StopSignal
 from mtn.train.tracking import RunTracker, save_loss_curve, upload_outputs
 
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "local.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 
 
 class MTNTrainModule(torch.nn.Module):
@@ -55,33 +57,27 @@ class MTNTrainModule(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def setup_encoders(cfg: TrainConfig, device):
-    kw = dict(dtype=cfg.encoder_dtype, device=device)
-    source = load_text_encoder(cfg.source_encoder, cfg.source_max_length, cfg.source_prefix,
-                               cfg.source_subfolder, **kw)
-    target = load_text_encoder(cfg.target_encoder, cfg.target_max_length, cfg.target_prefix,
-                               cfg.target_subfolder, **kw)
-    return source, target
-
-
 def setup_features(cfg: TrainConfig, device):
-    """-> (train rows or pairs, val rows, encoders or None, encoder specs). With a feature cache nothing is
-    encoded: rows are [N, S, d] tensors; otherwise train stays text and each batch is encoded on the fly."""
+    """-> (train rows, val rows, encoder specs). With a feature cache nothing is encoded (no encoder loaded);
+    otherwise train stays text and each batch is encoded when drawn."""
     if cfg.feature_cache:
-        manifest = read_manifest(cfg.feature_cache)  # the driver already checked it against this config
+        manifest = read_feature_manifest(cfg.feature_cache)  # the driver already checked it against this config
         train = load_features(cfg.feature_cache, manifest)
         val = load_features(cfg.val_feature_cache) if cfg.val_feature_cache and cfg.max_val_samples else None
         if val is not None:  # the cache was checked against these pairs: row i is val pair i
             val["target_id"] = target_ids(config_pairs(cfg)[1])  # R@k over distinct targets (one per language)
         specs = {side: {**manifest[side], "hidden_size": manifest[f"{side.split('_')[0]}_dim"]}
                  for side in ("source_encoder", "target_encoder")}
-        return train, val, None, specs
-    source, target = setup_encoders(cfg, device)
+        return CachedRows(train), val, specs
+    source, target = (load_text_encoder(getattr(cfg, f"{side}_encoder"), getattr(cfg, f"{side}_max_length"),
+                                        getattr(cfg, f"{side}_prefix"), getattr(cfg, f"{side}_subfolder"),
+                                        dtype=cfg.encoder_dtype, device=device) for side in ("source", "target"))
     train_pairs, val_pairs = config_pairs(cfg)
     val = encode_rows(source, target, val_pairs) if val_pairs else None
     if val is not None:
         val["target_id"] = target_ids(val_pairs)
-    return train_pairs, val, (source, target), {"source_encoder": source.spec(), "target_encoder": target.spec()}
+    train = TextPairs(train_pairs, source, target, full_target=not cfg.mse_on_mask, fit_samples=cfg.baseline_samples)
+    return train, val, {"source_encoder": source.spec(), "target_encoder": target.spec()}
 
 
 def build_mtn(cfg: TrainConfig, source_dim: int, target_dim: int) -> ModelTranslationNetwork:
@@ -95,46 +91,8 @@ def build_mtn(cfg: TrainConfig, source_dim: int, target_dim: int) -> ModelTransl
     return ModelTranslationNetwork.from_named_size(cfg.mtn_size, **dims)
 
 
-def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
-    zero = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.grad_clip,
-        # torch's AdamW: no cpu_adam build (~50 s) unless offloading, where DeepSpeed may still prefer it
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                                                  "torch_adam": True}},
-        "zero_force_ds_cpu_optimizer": False,
-        "scheduler": lr_scheduler(cfg),
-        "zero_optimization": zero,
-        # DeepSpeed's low-precision weights only for bf16/fp16; amp-bf16 keeps fp32 weights and optimizer and runs the
-        # forward under torch.autocast, entered by the engine itself (an autocast around engine() is switched off)
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
-        # gradients stay fp32 in the all-reduce too (no module is marked lower-precision-safe): DeepSpeed's bf16 comm
-        # buckets mixed with fp32 ones crashed a resumed ZeRO-2 run over gloo (tests/test_train_job.py)
-        "torch_autocast": {"enabled": cfg.precision == "amp-bf16", "dtype": "bfloat16",
-                           "lower_precision_safe_modules": []},
-        "steps_per_print": 10**9,
-    }
-
-
-def lr_scheduler(cfg: TrainConfig) -> dict:
-    """Linear warmup, then constant or cosine decay to lr * lr_min_ratio at max_steps (DeepSpeed's own schedulers)."""
-    warmup = max(cfg.warmup_steps, 1)
-    if cfg.lr_schedule == "cosine":
-        return {"type": "WarmupCosineLR", "params": {"total_num_steps": cfg.max_steps, "warmup_num_steps": warmup,
-                                                     "warmup_type": "linear", "cos_min_ratio": cfg.lr_min_ratio}}
-    return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
-                                           "warmup_num_steps": warmup, "warmup_type": "linear"}}
-
-
 def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch: int, stats_rows=None,
                  linear_fit=None):
-    import deepspeed
-
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     mtn = build_mtn(cfg, source_dim, target_dim)
     if cfg.standardize:  # same rows on every rank -> same statistics (a resumed run loads them back anyway)
@@ -152,19 +110,53 @@ def setup_engine(cfg: TrainConfig, source_dim: int, target_dim: int, micro_batch
     # body learns the residual the linear map cannot explain
     params = [p for name, p in module.named_parameters()
               if (cfg.loss_adv or not name.startswith("disc.")) and p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
-                                      config=deepspeed_config(cfg, micro_batch))
-    return engine
+    return initialize_engine(module, [{"params": params}], cfg, micro_batch)
 
 
 # ----------------------------------------------------------------------------------------------- data
-def train_rows(train, encoders, idx, full_target: bool) -> dict:
-    """One local batch as rows: sliced from the cache, or encoded now from text."""
-    if encoders is None:
-        return {k: v[idx] for k, v in train.items()}
-    with torch.no_grad():
+# The training set, one type per source, both with len(), rows(idx) -> one local batch {source [b, S_s, d_s],
+# source_mask [b, S_s], target [b, S_t, d_t], target_mask [b, S_t]}, fit_rows() -> the rows of the closed-form fits,
+# and source_encoder (the loaded source LM a translator can bundle, or None).
+@dataclasses.dataclass
+class CachedRows:
+    """A feature cache (jobs/extract_features.py), loaded whole: [N, S, d] tensors."""
+
+    features: dict[str, torch.Tensor]
+    source_encoder = None
+
+    def __len__(self) -> int:
+        return len(self.features["source"])
+
+    def rows(self, idx: torch.Tensor) -> dict:
+        return {k: v[idx] for k, v in self.features.items()}
+
+    def fit_rows(self) -> dict:
+        return self.features
+
+
+@dataclasses.dataclass
+class TextPairs:
+    """Text pairs, encoded by the frozen encoders batch by batch; the fits use the first `fit_samples` pairs."""
+
+    pairs: list[tuple[str, str]]
+    source_encoder: FrozenTextEncoder
+    target_encoder: FrozenTextEncoder
+    full_target: bool
+    fit_samples: int
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @torch.no_grad()
+    def rows(self, idx: torch.Tensor) -> dict:
         # the MTN masks padded source positions, so the source LM stops at the batch's longest caption
-        return encode_rows(*encoders, [train[i] for i in idx.tolist()], full_target=full_target, batch_size=len(idx))
+        return encode_rows(self.source_encoder, self.target_encoder, [self.pairs[i] for i in idx.tolist()],
+                           full_target=self.full_target, batch_size=len(idx))
+
+    @torch.no_grad()
+    def fit_rows(self) -> dict:
+        return encode_rows(self.source_encoder, self.target_encoder, self.pairs[: self.fit_samples],
+                           full_target=self.full_target)
 
 
 @torch.no_grad()
@@ -180,18 +172,18 @@ def validate(engine, val, dtype, batch_size: int = 128) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def save_translator(model, encoders, specs: dict, cfg: TrainConfig, state: dict, out_dir: Path):
+def save_translator(model, source_encoder, specs: dict, cfg: TrainConfig, state: dict, out_dir: Path):
     from mtn.translator import BUNDLED_ENCODER, save_translator_folder
 
-    bundle = cfg.bundle_source_encoder and encoders is not None
+    bundle = cfg.bundle_source_encoder and source_encoder is not None
     if bundle:
-        encoders[0].save(out_dir / BUNDLED_ENCODER)
+        source_encoder.save(out_dir / BUNDLED_ENCODER)
     training = {"config": cfg.to_dict(), "method": cfg.method, "steps": state["step"],
                 "final_metrics": state.get("final_metrics")}
     save_translator_folder(out_dir, model, {**specs, "bundled_source_encoder": bundle}, training)
 
 
-def export_translator(engine, encoders, specs, cfg: TrainConfig, state: dict, out_dir: Path, rank: int):
+def export_translator(engine, source_encoder, specs, cfg: TrainConfig, state: dict, out_dir: Path, rank: int):
     """Gather the (possibly ZeRO-3 sharded) MTN weights and, on rank 0, save the translator folder."""
     import deepspeed
 
@@ -200,34 +192,33 @@ def export_translator(engine, encoders, specs, cfg: TrainConfig, state: dict, ou
         if rank == 0:
             clean = ModelTranslationNetwork.from_config(mtn.config)
             clean.load_state_dict({k: v.detach().float().cpu() for k, v in mtn.state_dict().items()})
-            save_translator(clean, encoders, specs, cfg, state, out_dir)
+            save_translator(clean, source_encoder, specs, cfg, state, out_dir)
 
 
-def write_final_artifacts(tmp: Path, engine, encoders, specs, cfg, state, metrics, rank):
+def write_final_artifacts(tmp: Path, engine, source_encoder, specs, cfg, state, metrics, rank):
     """Into the final checkpoint: translator/, loss_curve.png, metrics.json (the driver uploads them to MLflow
     after publishing them)."""
-    export_translator(engine, encoders, specs, cfg, state, tmp / "translator", rank)
+    export_translator(engine, source_encoder, specs, cfg, state, tmp / "translator", rank)
     if rank == 0:
         save_loss_curve(state["history"], tmp / "loss_curve.png")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------- loop
-def baseline_per_worker(cfg: TrainConfig, train, val, encoders, specs, rank: int):
+def baseline_per_worker(cfg: TrainConfig, train: CachedRows | TextPairs, val, specs, rank: int):
     """method=linear | pooled_linear: a closed-form fit on rank 0, reported like a finished training run."""
     state, metrics = {"step": 1, "history": [], "mlflow_run_id": None}, {"step": 1}
 
     def finish(tmp: Path):
-        nonlocal metrics
         if rank != 0:
             return
         tracker = RunTracker(cfg)
-        model, val_metrics = fit_baseline(cfg, cfg.method, baseline_rows(cfg, train, encoders), val)
+        model, val_metrics = fit_baseline(cfg, cfg.method, train.fit_rows(), val)
         metrics.update(val_metrics)
         tracker.log_metrics(metrics, 1)
         tracker.close()
         state.update(final_metrics=val_metrics, mlflow_run_id=tracker.run_id)
-        save_translator(model, encoders, specs, cfg, state, tmp / "translator")
+        save_translator(model, train.source_encoder, specs, cfg, state, tmp / "translator")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     report(None, state, metrics, rank, finish)
@@ -243,11 +234,11 @@ def train_loop_per_worker(config: dict):
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     auto = cfg.precision == "auto"
     cfg.precision = resolve_precision(cfg.precision, device.type)  # auto: bf16 autocast only where bf16 is native
-    train, val, encoders, specs = setup_features(cfg, device)
+    train, val, specs = setup_features(cfg, device)
     if cfg.method != "mtn":
-        return baseline_per_worker(cfg, train, val, encoders, specs, rank)
+        return baseline_per_worker(cfg, train, val, specs, rank)
     per_worker = cfg.batch_size // world
-    rows = functools.cache(lambda: baseline_rows(cfg, train, encoders))  # encoded at most once, if ever needed
+    rows = functools.cache(train.fit_rows)  # encoded at most once, if ever needed
     linear_fit = functools.cache(lambda: fit_baseline(cfg, "linear", rows(), None)[0])
     engine = setup_engine(cfg, specs["source_encoder"]["hidden_size"], specs["target_encoder"]["hidden_size"],
                           per_worker, rows, linear_fit)
@@ -266,15 +257,14 @@ def train_loop_per_worker(config: dict):
     if bar:
         bar.update(start)  # tqdm_ray has no `initial`
     metrics = {}
-    steps = batch_indices(len(train["source"]) if encoders is None else len(train), per_worker, rank, world,
-                          cfg.seed, start)
+    steps = batch_indices(len(train), per_worker, rank, world, cfg.seed, start)
     timed_from = None  # (step, time): throughput is measured after a few warm-up steps
     for step, idx in enumerate(steps, start=start + 1):
         if step > cfg.max_steps:
             break
         if step == start + 1 + min(5, (cfg.max_steps - start) // 2):
             timed_from = (step - 1, time.perf_counter())
-        b = train_rows(train, encoders, idx, full_target=not cfg.mse_on_mask)  # [b, S_s, d_s] ... [b, S_t]
+        b = train.rows(idx)  # [b, S_s, d_s] ... [b, S_t]
         total, terms = engine(b["source"].to(dtype), b["source_mask"], b["target"].to(dtype), b["target_mask"])
         engine.backward(total)
         engine.step()
@@ -303,14 +293,10 @@ def train_loop_per_worker(config: dict):
             state["final_metrics"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
 
             report(engine, state, metrics, rank, functools.partial(
-                write_final_artifacts, engine=engine, encoders=encoders, specs=specs, cfg=cfg, state=state,
-                metrics=metrics, rank=rank))
-        elif stop.check() or step % cfg.checkpoint_every == 0:  # every rank calls check() at every step
-            report(engine, state, metrics, rank)
-            if stop.stopping:
-                if rank == 0:
-                    print(f"stop requested: checkpoint saved at step {step}", flush=True)
-                break
+                write_final_artifacts, engine=engine, source_encoder=train.source_encoder, specs=specs, cfg=cfg,
+                state=state, metrics=metrics, rank=rank))
+        elif checkpoint_or_stop(engine, state, metrics, rank, stop, cfg.checkpoint_every):
+            break
     if bar:
         bar.close()
     if tracker:  # the run stays RUNNING for the driver's upload, unless preempted
@@ -353,16 +339,7 @@ def check_feature_caches(cfg: TrainConfig, train: list, val: list) -> None:
 
 
 def prepare_config(path, overrides) -> TrainConfig:
-    cfg = load_config(path, overrides)
-    if "://" not in cfg.output_dir:
-        cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    if "://" not in cfg.storage_path:
-        cfg.storage_path = str(Path(cfg.storage_path).resolve())
-    for key in ("feature_cache", "val_feature_cache"):  # workers run elsewhere: no relative paths
-        if getattr(cfg, key) and "://" not in getattr(cfg, key):
-            setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
-    cfg.mlflow_tracking_uri = (cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                               or f"sqlite:///{cfg.output_dir}/mlflow.db")
+    cfg = load_config(path, overrides).resolve_paths()  # workers run elsewhere: no relative paths
     data = [f for f in (cfg.corpus, cfg.source_file, cfg.target_file, cfg.val_source_file) if f]
     if any(f.startswith(cfg.data_root) for f in data) and "://" not in cfg.data_root \
             and not Path(cfg.data_root).is_dir():
@@ -379,11 +356,7 @@ def prepare_config(path, overrides) -> TrainConfig:
 def run(cfg: TrainConfig):
     if "://" not in cfg.output_dir:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    stop = StopOnSigterm(cfg.name, cfg.stop_timeout_s)
-    with stop:
-        result = fit(train_loop_per_worker, cfg, on_ray_ready=stop.install)
-    stop.raise_if_preempted(result, cfg.max_steps)
-    return publish_and_upload(cfg, result)
+    return publish_and_upload(cfg, fit_or_preempt(train_loop_per_worker, cfg))
 
 
 def publish_and_upload(cfg: TrainConfig, result) -> dict | None:
@@ -392,8 +365,8 @@ def publish_and_upload(cfg: TrainConfig, result) -> dict | None:
     summary = publish(cfg, result)
     if summary:
         upload_outputs(cfg.mlflow_tracking_uri, summary["mlflow_run_id"],
-                       {"translator": summary["translator"], "loss_curve.png": summary["loss_curve"],
-                        "metrics.json": summary["metrics"]}, experiment=cfg.mlflow_experiment, run_name=cfg.name)
+                       {"loss_curve.png": summary["loss_curve"], "metrics.json": summary["metrics"]},
+                       {"translator": summary["translator"]}, experiment=cfg.mlflow_experiment, run_name=cfg.name)
     return summary
 
 

@@ -149,15 +149,6 @@ def predict(model, feats: dict, batch_size: int = 256) -> torch.Tensor:
 # --------------------------------------------------------------------------- in the training job
 
 
-def baseline_rows(cfg, train, encoders) -> dict:
-    """Training rows for a closed-form fit: the whole cache, or the first `baseline_samples` pairs encoded."""
-    from mtn.data.features import encode_rows
-
-    if encoders is None:
-        return train
-    return encode_rows(*encoders, train[: cfg.baseline_samples], full_target=not cfg.mse_on_mask)
-
-
 def fit_baseline(cfg, method: str, rows: dict, val: dict | None):
     """Closed-form fit on rank 0 -> (model, {val/...} metrics)."""
     from mtn.metrics import alignment_metrics

@@ -1,5 +1,6 @@
-"""Diffusion training pieces, pure functions: the DDPM loss (epsilon or v), min-SNR-gamma weights, noise offset,
-caption dropout, EMA of weights, and an image grid. No I/O; jobs/finetune_unet.py wires them together."""
+"""Diffusion training pieces, pure functions: the DDPM loss (epsilon or v) with min-SNR-gamma weights (diffusers'
+`compute_snr`), noise offset, caption dropout, and an image grid of any count (diffusers' `make_image_grid`).
+No I/O; jobs/finetune_unet.py wires them together (the EMA of weights is diffusers' `EMAModel`, mtn/finetune.py)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,17 @@ import torch
 import torch.nn.functional as F
 
 
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep -> [B]."""
-    a = alphas_cumprod.to(timesteps.device)[timesteps].float()  # [B]
-    return a / (1 - a)
-
-
-def loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, prediction_type: str,
-                 snr_gamma: float | None) -> torch.Tensor:
-    """Per-sample loss weights [B]: ones, or min-SNR-gamma (Hang et al. 2023) for epsilon / v targets."""
+def loss_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights [B]: ones, or min-SNR-gamma (Hang et al. 2023) for the scheduler's epsilon / v
+    target, with the SNR alpha_bar / (1 - alpha_bar) from diffusers' `compute_snr`."""
     if not snr_gamma:
         return torch.ones(timesteps.shape, device=timesteps.device)
-    s = snr(alphas_cumprod, timesteps)  # [B]
+    from diffusers.training_utils import compute_snr
+
+    s = compute_snr(scheduler, timesteps)  # [B]
     clipped = torch.clamp(s, max=snr_gamma)
     # epsilon: min(snr, g) / snr; v-prediction: min(snr, g) / (snr + 1) (the v target already scales by snr + 1)
-    return clipped / s if prediction_type == "epsilon" else clipped / (s + 1)
+    return clipped / s if scheduler.config.prediction_type == "epsilon" else clipped / (s + 1)
 
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float = 0.0) -> torch.Tensor:
@@ -48,7 +45,7 @@ def diffusion_loss(unet_out: torch.Tensor, latents: torch.Tensor, noise: torch.T
     else:
         raise ValueError(f"prediction_type {pred_type!r} is not trained here (epsilon | v_prediction)")
     per_sample = F.mse_loss(unet_out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
-    return (per_sample * loss_weights(scheduler.alphas_cumprod, timesteps, pred_type, snr_gamma)).mean()
+    return (per_sample * loss_weights(scheduler, timesteps, snr_gamma)).mean()
 
 
 def drop_captions(captions: list[str], p: float, rng: random.Random) -> list[str]:
@@ -56,53 +53,12 @@ def drop_captions(captions: list[str], p: float, rng: random.Random) -> list[str
     return ["" if rng.random() < p else c for c in captions]
 
 
-class EMA:
-    """Exponential moving average of parameters (fp32 shadow copies, on the parameters' device).
-
-    decay at update k = min(decay, (1 + k) / (10 + k)): early updates follow the weights closely instead of
-    averaging in the random initialisation for thousands of steps (diffusers' EMAModel warmup, power 1)."""
-
-    def __init__(self, parameters, decay: float = 0.9999):
-        self.params = [p for p in parameters if p.requires_grad]
-        self.shadow = [p.detach().float().clone() for p in self.params]
-        self.decay, self.updates = decay, 0
-
-    def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    @torch.no_grad()
-    def update(self) -> None:
-        d = self.current_decay()
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.mul_(d).add_(p.detach().float(), alpha=1 - d)  # s = d*s + (1-d)*p
-        self.updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, parameters) -> None:
-        targets = [p for p in parameters if p.requires_grad]
-        for s, p in zip(self.shadow, targets, strict=True):
-            p.copy_(s.to(p.dtype))
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates,
-                "shadow": {str(i): s.cpu() for i, s in enumerate(self.shadow)}}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["shadow"]) != len(self.shadow):
-            raise ValueError(f"EMA state has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
-        self.decay, self.updates = state["decay"], state["updates"]
-        for i, s in enumerate(self.shadow):
-            s.copy_(state["shadow"][str(i)])
-
-
-def image_grid(images: list, cols: int | None = None):
-    """PIL images of one size -> one PIL grid image, row-major."""
+def image_grid(images: list, cols: int):
+    """PIL images of one size -> one grid, row-major; a last row that is not full is padded with white tiles
+    (diffusers' `make_image_grid` wants exactly rows x cols images)."""
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
-    cols = cols or len(images)
     rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+    blank = Image.new("RGB", images[0].size, "white")
+    return make_image_grid(list(images) + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)

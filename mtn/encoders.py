@@ -260,18 +260,9 @@ def load_text_encoder(
     """
     torch_dtype = resolve_dtype(dtype)
     if isinstance(name_or_path, str) and name_or_path.startswith(TINY_PREFIX):
-        from mtn.tiny import TINY_KINDS, TINY_MAX_POSITIONS, build_tiny_encoder
+        from mtn.tiny.encoders import tiny_text_encoder  # offline stand-in, imported only when asked for
 
-        kind = name_or_path[len(TINY_PREFIX) :]
-        if kind not in TINY_KINDS:
-            raise MTNError(
-                f"unknown builtin encoder {name_or_path!r}; use one of "
-                + ", ".join(TINY_PREFIX + k for k in TINY_KINDS)
-            )
-        limit = TINY_MAX_POSITIONS[kind]
-        if limit is not None and max_length > limit:
-            raise MTNError(f"max_length {max_length} exceeds {name_or_path}'s limit of {limit} tokens")
-        model, tok = build_tiny_encoder(kind, seed=seed)
+        model, tok = tiny_text_encoder(name_or_path, max_length, seed=seed)
     else:
         _check_source(name_or_path)
         model_type = _read_model_type(name_or_path, subfolder, trust_remote_code)

@@ -1,6 +1,10 @@
-"""Pieces the UNet finetune and the latent precompute jobs share: models from the config, text conditioning."""
+"""Pieces the UNet finetune and the latent precompute jobs share: models from the config, text conditioning; the
+finetune's EMA of the UNet weights (diffusers' `EMAModel`) and its safetensors checkpoint files."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -25,7 +29,9 @@ def setup_models(cfg: FinetuneConfig, device, dtype):
     """-> (pipe with UNet/VAE/text encoder, DDPM noise scheduler, translator or None)."""
     from diffusers import DDPMScheduler
 
-    from mtn.pipeline import build_tiny_sd_pipeline, build_tiny_translator, load_pipeline
+    from mtn.pipeline import load_pipeline
+    from mtn.tiny.sd import build_tiny_sd_pipeline
+    from mtn.tiny.translator import build_tiny_translator
     from mtn.translator import load_translator
     from mtn.uris import fetch_folder
 
@@ -68,7 +74,8 @@ def conditioning(cfg: FinetuneConfig, pipe, translator, captions: list[str], dev
 
 def ensure_shards(cfg: FinetuneConfig) -> list[str]:
     """The shard list; with `generate_shards`, toy shards are written first when the source holds none."""
-    from mtn.data.shards import list_shards, write_tiny_shards
+    from mtn.data.shards import list_shards
+    from mtn.tiny.shards import write_tiny_shards
 
     if cfg.generate_shards:
         try:
@@ -80,3 +87,61 @@ def ensure_shards(cfg: FinetuneConfig) -> list[str]:
     shards = list_shards(cfg.train_shards)
     print(f"{len(shards)} shards from {cfg.train_shards}")
     return shards
+
+
+@torch.no_grad()
+def validation_grid(cfg: FinetuneConfig, pipe, translator, unet):
+    """Fixed prompts and seeds -> one PIL grid (a row per prompt, 2 images at the training resolution)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import make_image_grid
+
+    from mtn.pipeline import generate
+
+    val_pipe = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                       unet=unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    val_pipe.set_progress_bar_config(disable=True)
+    prompts = cfg.val_prompts
+    was_training = unet.training
+    unet.eval()
+    images = generate(val_pipe, translator, prompts, seeds=[cfg.val_seed] * len(prompts), num_images=2,
+                      num_inference_steps=cfg.val_steps, guidance_scale=cfg.val_guidance_scale,
+                      width=cfg.resolution, height=cfg.resolution)
+    unet.train(was_training)
+    return make_image_grid(images, rows=len(prompts), cols=2)
+
+
+EMA_TENSORS, EMA_STATE = "ema.safetensors", "ema.json"
+
+
+def make_ema(unet, decay: float):
+    """diffusers' EMAModel over the UNet's parameters, fp32 shadow copies on their device. Its decay at update n
+    (1-based) is 0 for the first update (the shadow starts as the weights), then min(decay, n / (9 + n))."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(unet.parameters(), decay=decay)
+    ema.to(dtype=torch.float32)
+    return ema
+
+
+def save_ema(ema, folder: Path) -> None:
+    """The shadow weights as safetensors ({"0": ..., "1": ...} in parameter order) + the scalars as JSON (no pickle)."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(folder / EMA_TENSORS))
+    (folder / EMA_STATE).write_text(json.dumps(state))
+
+
+def load_ema(ema, folder: Path) -> None:
+    """Restore what `save_ema` wrote into `ema` (its shadow weights stay on their device)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / EMA_TENSORS)
+    if len(tensors) != len(ema.shadow_params):
+        raise MTNError(f"{folder / EMA_TENSORS} holds {len(tensors)} EMA tensors, the UNet has "
+                       f"{len(ema.shadow_params)} parameters: the checkpoint is of another model")
+    device = ema.shadow_params[0].device
+    shadow = [tensors[str(i)].to(device, torch.float32) for i in range(len(tensors))]
+    ema.load_state_dict({**json.loads((folder / EMA_STATE).read_text()), "shadow_params": shadow})

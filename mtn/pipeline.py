@@ -23,24 +23,31 @@ import torch
 
 from mtn.errors import MTNError
 
+TINY_PREFIX = "tiny:"  # tiny:sd: the seeded CPU-sized pipeline from mtn.tiny.sd
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "plms": "PNDMScheduler",
               "dpm": "DPMSolverMultistepScheduler"}
 
 
 def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   scheduler: str = "default"):
-    """A diffusers text-to-image pipeline (folder or hub id) with no safety checker download; checked to take
-    prompt_embeds. `scheduler`: default | ddim | pndm (PLMS) | dpm (DPM-Solver++ multistep)."""
+    """A diffusers text-to-image pipeline (folder, hub id, or tiny:sd) with no safety checker download; checked to
+    take prompt_embeds. `scheduler`: default | ddim | pndm (PLMS) | dpm (DPM-Solver++ multistep)."""
     from diffusers import DiffusionPipeline
 
     local = Path(name_or_path)
-    if (name_or_path.startswith((".", "/")) or local.exists()) and not (local / "model_index.json").is_file():
+    if name_or_path.startswith(TINY_PREFIX):
+        from mtn.tiny.sd import tiny_pipeline  # offline stand-in, imported only when asked for
+
+        pipe = tiny_pipeline(name_or_path)
+        pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # built in float32
+    elif (name_or_path.startswith((".", "/")) or local.exists()) and not (local / "model_index.json").is_file():
         raise MTNError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, dtype=dtype, safety_checker=None,
-                                                 requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise MTNError(f"cannot load diffusers pipeline {name_or_path!r}: {e}") from e
+    else:
+        try:
+            pipe = DiffusionPipeline.from_pretrained(name_or_path, dtype=dtype, safety_checker=None,
+                                                     requires_safety_checker=False)
+        except (OSError, ValueError) as e:
+            raise MTNError(f"cannot load diffusers pipeline {name_or_path!r}: {e}") from e
     check_takes_embeddings(pipe)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -76,7 +83,7 @@ def text_embeddings(pipe, translator, prompts: list[str], negative_prompts: list
     if translator is None:
         pos, neg = pipe.encode_prompt(list(prompts), unet.device, 1, True, negative_prompt=list(negative_prompts))
         return pos, neg  # [B, 77, d_t] each
-    s_t, d_t = translator.target_shape
+    d_t = translator.target_shape[1]
     if d_t != unet.config.cross_attention_dim:
         raise MTNError(f"the translator outputs d_t={d_t} but the UNet cross-attends to "
                        f"{unet.config.cross_attention_dim}: it was trained for another target encoder")
@@ -112,49 +119,3 @@ def generate(pipe, translator, prompts: list[str], negative_prompts: list[str] |
     pos, neg = pos.repeat_interleave(num_images, 0), neg.repeat_interleave(num_images, 0)  # [B*n, S, d]
     image_seeds = [s + k for s in seeds for k in range(num_images)]
     return run_pipeline(pipe, pos, neg, image_seeds, **kwargs)
-
-
-# ------------------------------------------------------------------------------- tiny pipeline (tests, demo)
-
-
-def build_tiny_sd_pipeline(seed: int = 0, sample_size: int = 32):
-    """A Stable Diffusion pipeline small enough for CPU tests, built from configs (no files, no hub).
-
-    Its text encoder IS `tiny:clip` (same tokenizer, same seed), so a translator trained with
-    target_encoder=tiny:clip (jobs/configs/local.yaml) speaks this UNet's language."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    from mtn.tiny import TINY_HIDDEN_SIZES, build_tiny_encoder
-
-    text_encoder, tokenizer = build_tiny_encoder("clip", seed=seed)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size // 4, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TINY_HIDDEN_SIZES["clip"], attention_head_dim=4, norm_num_groups=8)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(16, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=sample_size)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                              steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def build_tiny_translator(target_dim: int = 48, target_len: int = 77, source_len: int = 16, seed: int = 0):
-    """An untrained translator (tiny:t5 bytes -> MTN -> [*, target_len, target_dim]), seeded: a stand-in where a
-    trained one is not needed (tests, the finetune job's tiny default)."""
-    from mtn.encoders import load_text_encoder
-    from mtn.model import ModelTranslationNetwork
-    from mtn.translator import Translator
-
-    source = load_text_encoder("tiny:t5", max_length=source_len)
-    torch.manual_seed(seed)
-    mtn = ModelTranslationNetwork(source_dim=source.hidden_size, target_dim=target_dim, source_len=source_len,
-                                  target_len=target_len, num_modules=1, hidden_dim=32)
-    target_spec = {"name_or_path": "tiny:clip", "max_length": target_len, "prefix": ""}
-    return Translator(source, mtn, {"target_encoder": target_spec})

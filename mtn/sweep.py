@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from mtn.config import comma_list
-from mtn.errors import MTNError
+from mtn.config import Floats, Ints, Overrides, RunConfig
 
 
-@dataclass
-class SweepConfig:
+class SweepConfig(RunConfig):
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("output_dir", "storage_path")
+
     name: str = "mtn-sweep-local"
     base_config: str = "jobs/configs/local.yaml"  # the training config every trial starts from
-    base_overrides: str = ""  # space-separated key=value applied to the base config for every trial
+    base_overrides: Overrides = []  # [key=value, ...] applied to the base config for every trial
     output_dir: str = "outputs/sweep-local"
     # --- search space
     lr_min: float = 1.0e-4
     lr_max: float = 3.0e-3
-    num_modules: str = "3,5"  # residual-module counts (comma list)
-    hidden_dims: str = ""  # optional axis: MTN widths (comma list); "" keeps the base config's
-    loss_rec: str = ""  # optional axes: loss weights (comma lists)
-    loss_adv: str = ""
-    # named override sets crossed with the axes above, "name: key=value ...; name: ...", e.g. the loss ablation
-    # "mse: loss_rec=0; +rec: loss_rec=0.1". A variant that changes an encoder key gets its own feature cache.
-    variants: str = ""
+    num_modules: Ints = [3, 5]  # residual-module counts
+    hidden_dims: Ints = []  # optional axis: MTN widths; [] keeps the base config's
+    loss_rec: Floats = []  # optional axes: loss weights
+    loss_adv: Floats = []
+    # named override sets crossed with the axes above, {name: [key=value, ...]}, e.g. the loss ablation
+    # {mse: [loss_rec=0], +rec: [loss_rec=0.1]}. A variant that changes an encoder key gets its own feature cache.
+    variants: dict[str, Overrides] = {}
     num_samples: int = 4  # trials (grid axes are crossed with this many lr samples each round)
     seed: int = 0
     # --- early stopping (ASHA on the metric every val report)
@@ -40,35 +39,23 @@ class SweepConfig:
     gate_margin_pct: float = 0.0  # best trial must beat the linear map's val token MSE by this many percent
     register_model: str | None = "mtn-translator"  # MLflow registered model name; null: never register
     # --- tracking / cluster
-    mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "mtn-sweep"
     storage_path: str = "{output_dir}/tune"
     ray_address: str | None = None
 
-    def __post_init__(self):
-        checks = [(0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max"),
-                  (self.mode in ("max", "min"), f"mode must be max|min, got {self.mode!r}"),
-                  (self.num_samples >= 1 and self.reduction_factor >= 2 and self.grace_period >= 1,
-                   "num_samples >= 1, reduction_factor >= 2, grace_period >= 1"),
-                  (bool(comma_list(self.num_modules, int)), "num_modules needs at least one value")]
-        for ok, msg in checks:
-            if not ok:
-                raise MTNError(f"config: {msg}")
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [
+            (0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max"),
+            (self.mode in ("max", "min"), f"mode must be max|min, got {self.mode!r}"),
+            (self.num_samples >= 1 and self.reduction_factor >= 2 and self.grace_period >= 1,
+             "num_samples >= 1, reduction_factor >= 2, grace_period >= 1"),
+            (bool(self.num_modules), "num_modules needs at least one value"),
+            (all(name.strip() for name in self.variants), "variant names must not be empty"),
+        ]
 
     def variant_map(self) -> dict[str, list[str]]:
         """variants -> {name: [key=value, ...]}; {"": []} when there are none."""
-        out: dict[str, list[str]] = {}
-        for part in [p.strip() for p in self.variants.split(";") if p.strip()]:
-            name, sep, overrides = part.partition(":")
-            if not sep or not name.strip():
-                raise MTNError(f"config: variant {part!r} is not 'name: key=value ...'")
-            if name.strip() in out:
-                raise MTNError(f"config: variant {name.strip()!r} is given twice")
-            out[name.strip()] = overrides.split()
-        return out or {"": []}
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dict(self.variants) or {"": []}
 
 
 # a variant overriding one of these changes what the frozen encoders output, so it needs its own feature cache
@@ -84,9 +71,8 @@ def search_space(cfg: SweepConfig) -> dict:
     from ray import tune
 
     lr = cfg.lr_min if cfg.lr_min == cfg.lr_max else tune.loguniform(cfg.lr_min, cfg.lr_max)  # lr_min == lr_max: fixed
-    space = {"lr": lr, "num_modules": tune.grid_search(comma_list(cfg.num_modules, int))}
-    for key, values in (("hidden_dim", comma_list(cfg.hidden_dims, int)), ("loss_rec", comma_list(cfg.loss_rec, float)),
-                        ("loss_adv", comma_list(cfg.loss_adv, float))):
+    space = {"lr": lr, "num_modules": tune.grid_search(cfg.num_modules)}
+    for key, values in (("hidden_dim", cfg.hidden_dims), ("loss_rec", cfg.loss_rec), ("loss_adv", cfg.loss_adv)):
         if values:
             space[key] = tune.grid_search(values)
     if list(cfg.variant_map()) != [""]:
@@ -105,6 +91,18 @@ def results_table(rows: list[dict]) -> tuple[str, str]:
     return tables([{**r, "error": (r.get("error") or "")[:80]} for r in rows], COLUMNS)
 
 
+def metric_lines(rows: list[dict], metric: str) -> dict[str, list[tuple[float, float, int]]]:
+    """{line label: [(lr, metric, steps), ...] by lr}: one line per (variant, residual-module count) with a finite
+    metric; what plot_metric_vs_lr draws."""
+    lines = {}
+    for variant, modules in sorted({(r.get("variant") or "", r["num_modules"]) for r in rows}):
+        pts = sorted((r["lr"], r[metric], r.get("steps") or 0) for r in rows if r["num_modules"] == modules
+                     and (r.get("variant") or "") == variant and _finite(r.get(metric)))
+        if pts:
+            lines[f"{variant + ', ' if variant else ''}{modules} RM"] = pts
+    return lines
+
+
 def plot_metric_vs_lr(rows: list[dict], metric: str, path: str | Path) -> Path:
     """The metric against lr (log axis), one line per (variant, residual-module count). Trials stopped early
     (fewer steps than the longest) are hollow and labelled with their step: their value is not a final one.
@@ -116,13 +114,8 @@ def plot_metric_vs_lr(rows: list[dict], metric: str, path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     full = max((r.get("steps") or 0 for r in rows), default=0)
-    for variant, modules in sorted({(r.get("variant") or "", r["num_modules"]) for r in rows}):
-        pts = sorted((r["lr"], r[metric], r.get("steps") or 0) for r in rows if r["num_modules"] == modules
-                     and (r.get("variant") or "") == variant and _finite(r.get(metric)))
-        if not pts:
-            continue
-        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                          label=f"{variant + ', ' if variant else ''}{modules} RM")
+    for label, pts in metric_lines(rows, metric).items():
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         for lr, value, steps in pts:
             if steps < full:
                 ax.plot([lr], [value], marker="o", markersize=9, markerfacecolor="white", color=line.get_color())

@@ -111,7 +111,7 @@ def save_translator_folder(path: str | Path, model, manifest: dict, training: di
     return manifest
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_translator_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise MTNError(f"translator folder not found: {path}")
@@ -136,7 +136,7 @@ def read_manifest(path: str | Path) -> dict:
 def load_translation_model(path: str | Path, manifest: dict | None = None):
     """Only the translation model of a translator folder (MTN or baseline), for scoring cached features."""
     path = Path(path)
-    manifest = manifest or read_manifest(path)
+    manifest = manifest or read_translator_manifest(path)
     classes = _model_classes()
     name = manifest.get("model_class", "ModelTranslationNetwork")
     if name not in classes:
@@ -149,7 +149,7 @@ def load_translator(path: str | Path, device: str | torch.device = "cpu", dtype:
     """Load a translator folder. `source_encoder` overrides the recorded source LM (an encoder or a path),
     e.g. when the hub id in the manifest is mirrored locally."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_translator_manifest(path)
     spec = manifest["source_encoder"]
     if not isinstance(source_encoder, FrozenTextEncoder):
         where = source_encoder or (str(path / BUNDLED_ENCODER) if manifest.get("bundled_source_encoder")
@@ -159,24 +159,3 @@ def load_translator(path: str | Path, device: str | torch.device = "cpu", dtype:
                                            device=device)
     mtn = load_translation_model(path, manifest)
     return Translator(source_encoder, mtn, manifest).to(device=device, dtype=dtype)
-
-
-def ensure_default_translator(path: str | Path) -> Path:
-    """The embedded default translator (what `python jobs/train_mtn.py` writes, outputs/local/translator):
-    trained with that job first when `path` is it and it is missing. Other paths are returned as they are."""
-    import os
-    import subprocess
-    import sys
-
-    from mtn.config import REPO_ROOT
-
-    path, default = Path(path), REPO_ROOT / "outputs" / "local" / "translator"
-    if path.resolve() != default or (default / MANIFEST).is_file():
-        return path
-    print("no default translator yet: training one with `python jobs/train_mtn.py` (about 2 min) ...", flush=True)
-    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
-    rc = subprocess.call([sys.executable, str(REPO_ROOT / "jobs" / "train_mtn.py")], cwd=REPO_ROOT, env=env)
-    if rc != 0 or not (default / MANIFEST).is_file():
-        raise MTNError(f"the default training job failed (exit {rc}); run `python jobs/train_mtn.py` to see why")
-    return path
-

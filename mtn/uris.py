@@ -1,6 +1,8 @@
 """Model folders by URI: a local folder, `s3://bucket/prefix` (fsspec/s3fs, standard AWS settings incl.
 AWS_ENDPOINT_URL for MinIO), or an MLflow artifact URI (`runs:/<run>/translator`, `models:/<name>/<version>`,
-`models:/<name>@<alias>`, `mlflow-artifacts:/...`). Remote folders are downloaded once into a cache keyed by the URI.
+`models:/<name>@<alias>`, `mlflow-artifacts:/...`): a registered version is a pyfunc model logged by
+mtn.mlflow_models (the folder sits in its artifacts/) or, registered by older versions, the folder itself. Remote
+folders are downloaded once into a cache keyed by the URI.
 
 The cache is shared by every process on a node (Serve replicas, Ray workers):
 
@@ -282,8 +284,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def _find_marker(root: Path, marker: str, uri: str) -> Path:
-    """The folder holding `marker`: the root itself, or the one nested folder that has it (MLflow artifacts
-    keep the logged folder's name, e.g. runs:/abc/translator -> <dst>/translator/translator.json)."""
+    """The folder holding `marker`: the root itself, or the least nested folder that has it. MLflow artifacts keep
+    the logged folder's name (runs:/abc/translator -> <dst>/translator/translator.json), and a model logged by
+    mtn.mlflow_models keeps its folders under artifacts/ (models:/name@champion -> <dst>/artifacts/<folder>/)."""
     if (root / marker).is_file():
         return root
     hits = sorted(p.parent for p in root.rglob(marker))

@@ -1,6 +1,7 @@
 """The project's pod policy for manifests, checked offline (policy_errors): the Kubernetes "restricted" Pod Security
-Standard on every pod template of a Deployment/StatefulSet/DaemonSet/Job and of KubeRay's RayJob/RayService/RayCluster,
-no Kubernetes API token in any pod (api_token_errors), and Ray token auth on every KubeRay cluster (ray_auth_errors)."""
+Standard on every Pod (a `helm test` hook) and pod template of a Deployment/StatefulSet/DaemonSet/Job and of KubeRay's
+RayJob/RayService/RayCluster, no Kubernetes API token in any pod (api_token_errors), and Ray token auth on every KubeRay
+cluster (ray_auth_errors)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ RAY_CLUSTER_SPEC = {"RayService": "spec.rayClusterConfig", "RayJob": "spec.rayCl
 
 
 def pod_specs(obj: dict) -> list[tuple[str, dict]]:
-    """(where, pod spec) of every pod template in a Deployment/Job/RayJob/RayService/RayCluster."""
+    """(where, pod spec) of a Pod, or of every pod template in a Deployment/Job/RayJob/RayService/RayCluster."""
     spec = obj.get("spec") or {}
     kind = obj.get("kind")
     found = []
-    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+    if kind == "Pod":
+        found.append(("spec", spec))
+    elif kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
         found.append(("spec.template", (spec.get("template") or {}).get("spec")))
     elif kind in RAY_CLUSTER_SPEC:
         where = RAY_CLUSTER_SPEC[kind]

@@ -9,7 +9,8 @@ KubeRay kinds (RayService, RayJob, RayCluster) are checked against the KubeRay v
 $MTN_SHARED/k8s/crds (default: <repo>/../shared) made strict (unknown fields are errors, as `kubectl apply
 --validate=strict` would report), then against operator rules the CRD schema lacks (name length, replica bounds,
 TTL/shutdown, serveConfigV2 through Ray Serve's ServeDeploySchema and the app's serve.config.AppArgs, ...).
-Built-in kinds go through kubernetes-validate --strict. Every pod template must meet the "restricted" Pod Security
+Built-in kinds go through kubernetes-validate --strict. A Prometheus Operator PodMonitor (its CRD is not here) gets a
+structural check of the fields the chart uses (podmonitor_errors). Every pod template must meet the "restricted" Pod Security
 Standard, mount no Kubernetes API token, and KubeRay clusters must use Ray token auth
 (pod_security.policy_errors). CEL rules (x-kubernetes-validations) are not evaluated.
 Prints one line per object and exits 1 when any object fails (2: usage error, e.g. CRDs not found).
@@ -39,6 +40,7 @@ RAY_KINDS = {"RayService": ("ray.io_rayservices.yaml", 47), "RayJob": ("ray.io_r
              "RayCluster": ("ray.io_rayclusters.yaml", 53)}
 DEFAULT_K8S_VERSIONS = ("1.30.0", "1.35.0")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123 = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MTN_IMPORT_PATH = "serve.app:build_app"
 
 
@@ -276,6 +278,48 @@ def operator_errors(obj: dict) -> list[str]:
     return errors
 
 
+# ------------------------------------------------------------------------------------------------ PodMonitor
+PROM_DURATION = re.compile(r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+SELECTOR_OPS = {"In", "NotIn", "Exists", "DoesNotExist"}
+SPEC_FIELDS = {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels"}
+ENDPOINT_FIELDS = {"port", "portNumber", "targetPort", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
+                   "relabelings", "metricRelabelings"}
+
+
+def podmonitor_errors(obj: dict) -> list[str]:
+    """monitoring.coreos.com/v1 PodMonitor, structurally: a name, a label selector, endpoints with a port, an absolute
+    path and Prometheus durations; unknown fields are errors (the CRD is not available offline)."""
+    errors = []
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    if not DNS1123.match(meta.get("name") or ""):
+        errors.append(f"metadata.name: {meta.get('name')!r} is not a DNS-1123 subdomain")
+    if set(spec) - SPEC_FIELDS:
+        errors.append(f"spec: unknown fields {sorted(set(spec) - SPEC_FIELDS)}")
+    selector = spec.get("selector")
+    if not isinstance(selector, dict) or not (selector.get("matchLabels") or selector.get("matchExpressions")):
+        errors.append("spec.selector: a label selector with matchLabels or matchExpressions is required (an empty one "
+                      "selects every pod of the namespace)")
+    else:
+        errors += [f"spec.selector.matchExpressions[{i}]: needs a key and an operator in {sorted(SELECTOR_OPS)}"
+                   for i, e in enumerate(selector.get("matchExpressions") or [])
+                   if not isinstance(e, dict) or not e.get("key") or e.get("operator") not in SELECTOR_OPS]
+    endpoints = spec.get("podMetricsEndpoints")
+    if not isinstance(endpoints, list) or not endpoints:
+        return errors + ["spec.podMetricsEndpoints: at least one endpoint is required"]
+    for i, ep in enumerate(e if isinstance(e, dict) else {} for e in endpoints):
+        where = f"spec.podMetricsEndpoints[{i}]"
+        if set(ep) - ENDPOINT_FIELDS:
+            errors.append(f"{where}: unknown fields {sorted(set(ep) - ENDPOINT_FIELDS)}")
+        if not (ep.get("port") or ep.get("portNumber") or ep.get("targetPort")):
+            errors.append(f"{where}: port (a container port name) is required")
+        if not str(ep.get("path", "/metrics")).startswith("/"):
+            errors.append(f"{where}.path: must start with /")
+        for key in ("interval", "scrapeTimeout"):
+            if key in ep and not PROM_DURATION.match(str(ep[key])):
+                errors.append(f"{where}.{key}: {ep[key]!r} is not a Prometheus duration (e.g. 30s, 1m)")
+    return errors
+
+
 # ------------------------------------------------------------------------------------------------ built-in kinds
 def builtin_errors(obj: dict, versions=DEFAULT_K8S_VERSIONS) -> list[str]:
     import kubernetes_validate.utils as kv
@@ -300,6 +344,8 @@ def object_errors(obj: dict, versions=DEFAULT_K8S_VERSIONS, crds: Path | None = 
         if not errors:
             errors = operator_errors(obj) + policy_errors(obj)
         return "KubeRay v1 CRD (strict) + operator rules + restricted pods", errors
+    if obj["kind"] == "PodMonitor" and obj["apiVersion"] == "monitoring.coreos.com/v1":
+        return "PodMonitor structure (no CRD offline)", podmonitor_errors(obj)
     errors = builtin_errors(obj, versions)
     return (f"kubernetes-validate --strict {', '.join(versions)} + restricted pods",
             errors + (policy_errors(obj) if not errors else []))

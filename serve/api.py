@@ -20,10 +20,12 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtn.errors import MTNError
-from mtn.routing import LanguageRouter, UnsupportedLanguage
+from serve import LOGGER
 from serve.config import AppArgs
+from serve.routing import LanguageRouter, UnsupportedLanguage
 
-log = logging.getLogger("mtn.serve")
+log = logging.getLogger(LOGGER)
+UNROUTED = "none"  # route and language labels of a request that was not routed
 PAGE = (Path(__file__).parent / "page.html").read_text()
 MAX_SEED = 2**63 - 1
 
@@ -135,13 +137,18 @@ class Service:
         r["seed"] = min(r["seed"], MAX_SEED - r["num_images"])
         return r
 
-    async def generate(self, req: GenerateRequest, request_id: str = "-") -> dict:
+    async def generate(self, req: GenerateRequest, request_id: str = "-", labels: dict | None = None) -> dict:
+        """`labels` (optional) gets the metrics' "route" and "language" as soon as the route is chosen, so a
+        request that fails afterwards is counted under them too."""
         t0 = time.perf_counter()
         r = self.check(req)
         try:
             decision = await asyncio.to_thread(self.router.route, r["prompt"], r["language"])
         except UnsupportedLanguage as e:
             raise RequestError(422, str(e)) from None
+        if labels is not None:
+            labels["route"] = decision.route
+            labels["language"] = decision.language or UNROUTED  # a hybrid prompt: its main language
         t1 = time.perf_counter()
         payload = {k: r[k] for k in ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width",
                                      "height", "seed", "num_images")}
@@ -162,6 +169,8 @@ class Service:
                                     f"(request id {request_id})", retry_after_s=adm.retry_after_s) from None
         timings = {"route_ms": (t1 - t0) * 1000, **out.get("timings", {}),
                    "total_ms": (time.perf_counter() - t0) * 1000}
+        log.info("request %s: route %s (%s), %d image(s) in %.0f ms", request_id, decision.route, decision.reason,
+                 r["num_images"], timings["total_ms"])
         return {"images": out["images"], "seed": r["seed"], "timings": timings, "batch": out.get("batch", {}),
                 "route": decision.to_dict()}
 

@@ -12,6 +12,11 @@ Overload: the Generator's queue at each Ingress is bounded (`admission.max_queue
 raises Ray's BackPressureError at the Ingress's handle call, which answers its own JSON 503 + Retry-After at
 once. /healthz and the page never touch the Generator, so they answer while it is saturated. Replicas, resources
 and autoscaling are Serve deployment options (serve/config.yaml `deployments:`); the rest is the app's `args`.
+
+Watching: the replicas record Prometheus metrics (serve/metrics.py: requests by route, language and status at the
+Ingress; batch sizes, queue wait and generation time at the Generator), exported on each Ray node's metrics port;
+they log under `ray.serve.mtn`, so Serve's `logging_config` (JSON in serve/config.yaml) applies and each record of a
+request carries its request id.
 """
 
 import asyncio
@@ -24,12 +29,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from mtn.errors import MTNError
+from serve import LOGGER
 from serve.api import Service, Unavailable
 from serve.config import NATIVE, AppArgs
 from serve.generator import GeneratorCore
+from serve.metrics import GeneratorMetrics, IngressMetrics
 from serve.web import load_api_keys, make_api
 
-log = logging.getLogger("mtn.serve")
+log = logging.getLogger(LOGGER)
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
@@ -37,6 +44,7 @@ class Generator:
     def __init__(self, args: dict):
         self.args = AppArgs.model_validate(args)
         self.core = GeneratorCore(self.args)
+        self.metrics = GeneratorMetrics()
         self._batched.set_max_batch_size(self.args.batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)
 
@@ -47,9 +55,10 @@ class Generator:
         self._translator = serve.multiplexed(max_num_models_per_replica=self.args.max_translators_per_replica)(
             load_translator)
 
-    async def generate(self, request: dict) -> dict:
+    async def generate(self, request: dict, admitted_at: float | None = None) -> dict:
         """The images, or {"error": "unavailable" | "out_of_memory", "detail": for the log}: expected failures
-        come back as values, so no remote traceback has to be taken apart at the Ingress."""
+        come back as values, so no remote traceback has to be taken apart at the Ingress.
+        `admitted_at`: time.time() when the Ingress handed the request on (the queue-wait metric's start)."""
         route = serve.get_multiplexed_model_id() or NATIVE
         t0 = time.perf_counter()
         try:
@@ -57,7 +66,7 @@ class Generator:
         except MTNError as e:
             log.error("route %s does not load: %s", route, e)
             return {"error": "unavailable", "detail": str(e)}
-        out = await self._batched((translator, request))
+        out = await self._batched((translator, request, route, time.time() if admitted_at is None else admitted_at))
         if "error" in out:
             return {"error": out["error"], "detail": f"route {route}, {request['num_images']} x "
                                                       f"{request['width']}x{request['height']}"}
@@ -67,7 +76,12 @@ class Generator:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _batched(self, items: list[tuple]) -> list[dict]:
-        return await asyncio.to_thread(self.core.run, items)
+        """items: (translator, request, route, admitted_at) of each request in the batch."""
+        start = time.time()
+        out = await asyncio.to_thread(self.core.run, [(translator, request) for translator, request, _, _ in items])
+        self.metrics.batch([route for _, _, route, _ in items], [start - t for _, _, _, t in items],
+                           sum(request["num_images"] for _, request, _, _ in items), time.time() - start)
+        return out
 
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising marks the replica unhealthy (restarted)."""
@@ -81,7 +95,7 @@ class _HandleBackend:
         self.handle = handle
 
     async def generate(self, route: str, request: dict) -> dict:
-        response = self.handle.options(multiplexed_model_id=route).generate.remote(request)
+        response = self.handle.options(multiplexed_model_id=route).generate.remote(request, time.time())
         try:
             out = await response
         except asyncio.CancelledError:  # the Ingress's timeout: the Generator need not finish it
@@ -112,11 +126,12 @@ class Ingress:
         self.api_keys = load_api_keys(args.auth)  # MTNError: the replica does not start, with that message
         log.info("API keys: %s", f"{len(self.api_keys)} configured" if self.api_keys else "off")
         self.service = Service(args, _HandleBackend(generator))
+        self.metrics = IngressMetrics()
         _ = self.service.router.detector  # load the language models now, not on the first request
 
     async def __serve_build_asgi_app__(self):
         """Serve builds the ASGI app per replica after __init__: the routes close over this replica's config."""
-        return make_api(self.service, self.api_keys)
+        return make_api(self.service, self.api_keys, self.metrics.request)
 
 
 def build_app(args: dict, generator_options: dict | None = None, ingress_options: dict | None = None

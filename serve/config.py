@@ -132,3 +132,26 @@ class AppArgs(BaseModel):
 
 
 SCHEDULERS = {"default", "ddim", "pndm", "dpm"}
+
+
+def load_app_args(path: str | None = None, overrides: list[str] | None = None, default: dict | None = None) -> dict:
+    """The `mtn` app's args through the jobs' loader (mtn.config): the first application's args of a serve-build
+    YAML (serve/config.yaml, the chart's serveConfigV2) or `default`, then `key=value` overrides (dotted for nested
+    ones: limits.max_width=256) and ${ENV:-default}; checked against AppArgs here, before any replica starts.
+    Any error is one MTNError line (unknown keys with a did-you-mean hint)."""
+    from mtn.config import apply_overrides, expand_env, read_yaml, validate
+    from mtn.errors import MTNError
+
+    raw = default or {}
+    if path is not None:
+        try:
+            raw = read_yaml(path)["applications"][0]["args"]
+        except (MTNError, KeyError, IndexError, TypeError) as e:
+            raise MTNError(f"{path} is not a serve config with applications[0].args ({type(e).__name__}: {e})") \
+                from None
+    args = expand_env(apply_overrides(raw, overrides))
+    try:
+        validate(AppArgs, args)
+    except MTNError as e:
+        raise MTNError(f"invalid app args: {e}") from None
+    return args

@@ -25,9 +25,10 @@ from mtn.errors import MTNError
 from mtn.pipeline import load_pipeline, run_pipeline, text_embeddings
 from mtn.translator import load_translator
 from mtn.uris import fetch_folder
+from serve import LOGGER
 from serve.config import NATIVE, AppArgs
 
-log = logging.getLogger("mtn.serve")
+log = logging.getLogger(LOGGER)
 PROBE_SIZE = 64  # px: the health probe's image (8x8 latents), one step
 
 
@@ -128,12 +129,8 @@ class GeneratorCore:
         "encode_ms", "generate_ms"}, or {"error": "out_of_memory"} for the requests of a call that ran out of
         memory. Requests that agree on Job.key share pipeline calls of <= batching.max_batch_pixels."""
         t = time.perf_counter()
-        try:
-            jobs = self.make_jobs(items)
-        except Exception as e:
-            if not is_oom(e):
-                raise
-            self._free(e, len(items))
+        jobs = self._unless_oom(self.make_jobs, items, len(items))
+        if jobs is None:
             return [{"error": "out_of_memory"} for _ in items]
         encode_ms = (time.perf_counter() - t) * 1000
         results: list[dict | None] = [None] * len(jobs)
@@ -144,12 +141,8 @@ class GeneratorCore:
             for idx in split_by_pixels(same_key, jobs, self.args.batching.max_batch_pixels):
                 group = [jobs[i] for i in idx]
                 t = time.perf_counter()
-                try:
-                    images = self._pipeline_call(group)
-                except Exception as e:
-                    if not is_oom(e):
-                        raise
-                    self._free(e, len(idx))
+                images = self._unless_oom(self._pipeline_call, group, len(idx))
+                if images is None:
                     for i in idx:
                         results[i] = {"error": "out_of_memory"}
                     continue
@@ -174,11 +167,19 @@ class GeneratorCore:
             finally:
                 self._busy_since = None
 
-    def _free(self, e: BaseException, n: int) -> None:
-        log.error("out of memory in a batch of %d requests; failing them and freeing the cache: %s", n,
-                  str(e).splitlines()[0] if str(e) else type(e).__name__)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def _unless_oom(self, step, arg, n: int):
+        """step(arg) -> its result, or None when it ran out of memory (then the cache is freed and the caller fails
+        the n requests it served); any other error propagates."""
+        try:
+            return step(arg)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            log.error("out of memory in a batch of %d requests; failing them and freeing the cache: %s", n,
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
 
     def check_health(self, max_busy_s: float) -> None:
         """Raises when the pipeline does not answer: a one-step probe image when idle; when a call is running,

@@ -1,11 +1,15 @@
 """The HTTP layer: a FastAPI app per Ingress replica, built from its config (no module-level state).
 
-    make_api(service, api_keys) -> FastAPI
+    make_api(service, api_keys, record) -> FastAPI
 
 Outside in, every request passes: a request id (the `x-request-id` that Ray's proxy sets, or a new one; errors
 carry it in their body and the log lines of the request name it), API keys on /v1/* (401), the body size limit
 (413, the body is read no further), then the routes. Every error answer is JSON {"error", "detail",
-"request_id"}: no traceback, path or URI ever reaches a client.
+"request_id"}: no traceback, path or URI ever reaches a client. Each /v1/generate answer, errors included, is
+counted by route, routed language and status (`record`, serve.metrics).
+
+The service logs under `ray.serve.mtn`, a child of Ray Serve's logger: in a replica its records take Serve's
+`logging_config` (JSON encoding) and carry the request's id (the X-Request-ID of the answer) as `request_id`.
 """
 
 from __future__ import annotations
@@ -14,19 +18,23 @@ import hmac
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from mtn.errors import MTNError
-from serve.api import PAGE, GenerateRequest, GenerateResponse, RequestError, Service
+from serve import LOGGER
+from serve.api import PAGE, UNROUTED, GenerateRequest, GenerateResponse, RequestError, Service
 from serve.config import Auth
 
-log = logging.getLogger("mtn.serve")
+log = logging.getLogger(LOGGER)
 REQUEST_ID = "x-request-id"
 PROTECTED_PREFIX = "/v1/"  # needs a key when keys are configured; /healthz, /, /docs, /openapi.json stay open
+GENERATE_PATH = "/v1/generate"
+CLIENT_GONE = 499  # status recorded when the client left before an answer (nginx's code for it)
+Recorder = Callable[[str, str, int], None]  # (route, language, status) of one /v1/generate answer
 
 
 def load_api_keys(auth: Auth, environ: Mapping[str, str] = os.environ) -> tuple[bytes, ...]:
@@ -62,14 +70,30 @@ def request_id_of(request: Request) -> str:
 
 class Guard:
     """ASGI middleware: request id, API keys, body size, and the last word on unexpected errors (a JSON 500).
-    Outside the routes, so 401/413/500 carry the request id too."""
+    Outside the routes, so 401/413/500 carry the request id too, and `record` sees every answer's status."""
 
-    def __init__(self, app, api_keys: tuple[bytes, ...], max_body_bytes: int):
-        self.app, self.keys, self.max_body = app, api_keys, max_body_bytes
+    def __init__(self, app, api_keys: tuple[bytes, ...], max_body_bytes: int, record: Recorder | None = None):
+        self.app, self.keys, self.max_body, self.record = app, api_keys, max_body_bytes, record
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.record is None or scope["path"] != GENERATE_PATH:
+            return await self._guard(scope, receive, send)
+        status = CLIENT_GONE
+
+        async def watched(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            return await self._guard(scope, receive, watched)
+        finally:  # the route handler puts the routing decision into the request's state (Service.generate)
+            state = scope.get("state", {})
+            self.record(state.get("route", UNROUTED), state.get("language", UNROUTED), status)
+
+    async def _guard(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         rid = headers.get(REQUEST_ID)
         if rid is None:  # not behind Ray's proxy (which sets it and adds the response header itself)
@@ -136,12 +160,13 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-def make_api(service: Service, api_keys: tuple[bytes, ...] = ()) -> FastAPI:
-    """The service's routes over `service`; `api_keys` from load_api_keys (empty: no auth)."""
+def make_api(service: Service, api_keys: tuple[bytes, ...] = (), record: Recorder | None = None) -> FastAPI:
+    """The service's routes over `service`; `api_keys` from load_api_keys (empty: no auth); `record` counts the
+    /v1/generate answers (serve.metrics.IngressMetrics.request in a replica; None: not counted)."""
     api = FastAPI(title="MTN multilingual text-to-image", version="0.2.0",
                   description="Prompts in any routed language -> images from a diffusion model through MTN "
                               "translators. With API keys configured, /v1/* needs `Authorization: Bearer <key>`.")
-    api.add_middleware(Guard, api_keys=api_keys, max_body_bytes=service.args.admission.max_body_bytes)
+    api.add_middleware(Guard, api_keys=api_keys, max_body_bytes=service.args.admission.max_body_bytes, record=record)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -155,7 +180,7 @@ def make_api(service: Service, api_keys: tuple[bytes, ...] = ()) -> FastAPI:
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(exc.body(request_id_of(request)), status_code=exc.status, headers=exc.headers())
 
-    @api.post("/v1/generate", response_model=GenerateResponse,
+    @api.post(GENERATE_PATH, response_model=GenerateResponse,
               responses={401: {"description": "API keys are configured and this request has none that matches"},
                          413: {"description": "request body over admission.max_body_bytes"},
                          422: {"description": "invalid request, over a limit or the pixel budget, or unsupported "
@@ -163,7 +188,7 @@ def make_api(service: Service, api_keys: tuple[bytes, ...] = ()) -> FastAPI:
                          503: {"description": "at capacity, out of memory, or the route cannot load (Retry-After)"},
                          504: {"description": "not done within admission.request_timeout_s"}})
     async def generate(body: GenerateRequest, request: Request) -> dict:
-        return await service.generate(body, request_id_of(request))
+        return await service.generate(body, request_id_of(request), labels=request.scope.setdefault("state", {}))
 
     @api.get("/v1/languages")
     async def languages() -> dict:

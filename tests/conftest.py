@@ -1,4 +1,77 @@
+"""Shared test fixtures, and the test session's environment.
+
+TORCH_EXTENSIONS_DIR: DeepSpeed JIT-compiles its CPU ops (deepspeed_shm_comm, ~30-190 s on 2 cores) into
+~/.cache/torch_extensions by default, one folder for every checkout on the machine. Two checkouts (two venvs, other
+include paths) then rebuild it in turn, each build holding a lock the other's jobs wait on. One folder per venv
+makes it one build per venv. Set here, it reaches job subprocesses and Ray workers (they inherit this environment).
+"""
+
+import os
+import sys
+from pathlib import Path
+
 import pytest
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# One Ray temp dir per xdist worker: a process that looks for "the" local cluster (address None/"auto": Ray Train's
+# placement-group cleaner, the state API) reads <RAY_TMPDIR>/ray/ray_current_cluster, which otherwise names the
+# cluster started last on the machine, i.e. the other worker's: its controller is then "not found" and our
+# placement group removed. Subprocess jobs and Ray's own processes inherit the variable.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored():
+    """A test that points MLflow's process-wide tracking URI somewhere (mlflow.set_tracking_uri) must not send a
+    later in-process job's calls there: the URI is reset after every test."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].tracking._tracking_service.utils._tracking_uri = None
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    """The session's shared local Ray (see ray_cluster): {"up": whether this fixture's Ray is running}."""
+    state = {"up": False}
+    yield state
+    if state["up"]:
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_ray_only_where_asked(request, _shared_ray):
+    """A module that does not use ray_cluster finds no Ray in this process, as if it ran alone: its own Ray (Serve
+    tests) then gets the environment the module sets up (an API key variable, AWS endpoints)."""
+    if _shared_ray["up"] and not any("ray_cluster" in item.fixturenames
+                                     for item in request.session.items if item.module is request.module):
+        sys.modules["ray"].shutdown()
+        _shared_ray["up"] = False
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_shared_ray):
+    """One local Ray shared by the consecutive test modules that ask for it (per xdist worker), for tests that run
+    jobs in-process (`train_mtn.main([...])`, `fit`) or deploy Serve apps: mtn.train.cluster.ray_session joins a
+    running Ray and leaves it running, so each such job saves a Ray start-up (~5-10 s on 2 cores). 4 logical CPUs:
+    a 2-worker job (2 CPUs) beside a small Serve app; Ray oversubscribes the 2 cores rather than queueing. No GPU,
+    no dashboard.
+
+    Ray workers get the environment this process had when the cluster started, plus their runtime_env: a variable a
+    test sets later (monkeypatch.setenv, s3_endpoint's AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI) does not reach them.
+    Tests whose workers need such a variable, need other cluster settings, or must own the process (SIGTERM,
+    SIGKILL) keep their own Ray / subprocess."""
+    pytest.importorskip("ray")
+    from mtn.train.cluster import init_ray
+
+    if not _shared_ray["up"]:
+        saved = os.environ.pop("RAY_ADDRESS", None)  # a local cluster of the session's own, never a developer's
+        try:
+            _shared_ray["up"] = init_ray(num_cpus=4, include_dashboard=False)
+        finally:
+            if saved is not None:
+                os.environ["RAY_ADDRESS"] = saved
 
 
 @pytest.fixture
@@ -28,9 +101,20 @@ def s3_endpoint(monkeypatch):
 def tiny_serving(tmp_path_factory):
     """Folders for serving tests: a tiny SD pipeline (text encoder = tiny:clip) and an untrained tiny translator
     (tiny:t5 bundled -> tiny:clip space), written exactly as users' folders are. Returns (pipeline, translator)."""
-    from mtn.pipeline import build_tiny_sd_pipeline, build_tiny_translator
+    from mtn.tiny.sd import build_tiny_sd_pipeline
+    from mtn.tiny.translator import build_tiny_translator
 
     root = tmp_path_factory.mktemp("serving")
     build_tiny_sd_pipeline(seed=0).save_pretrained(root / "tiny-sd")
     build_tiny_translator(seed=0).save(root / "translator", bundle_source_encoder=True)
     return root / "tiny-sd", root / "translator"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files run in this order: those using ray_cluster (consecutive, so one Ray serves them all), then the
+    other files holding slow tests, then the rest; collection order inside each part. Under xdist (`make test`:
+    -n 2 --dist loadfile --no-loadscope-reorder) both workers so start on the long multi-process tests and the many
+    short files fill the end, instead of one worker waiting on a last long file."""
+    shared = {item.path for item in items if "ray_cluster" in item.fixturenames}
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in shared, item.path not in slow))  # stable

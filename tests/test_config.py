@@ -27,7 +27,7 @@ def test_every_config_instantiates(path):
         cfg = load_config(path, cls=SweepConfig)
         assert (REPO / cfg.base_config).is_file() and search_space(cfg)
         for overrides in cfg.variant_map().values():  # every variant is a valid training config
-            load_config(REPO / cfg.base_config, [*cfg.base_overrides.split(), *overrides])
+            load_config(REPO / cfg.base_config, [*cfg.base_overrides, *overrides])
         return
     if "python jobs/evaluate.py" in text.split("\n\n")[0]:
         from mtn.eval.config import EvalConfig
@@ -76,3 +76,62 @@ def test_override_values_that_look_like_yaml_mappings_stay_strings():
 
     assert parse_overrides(["source_file={data_root}/t.de.gz", "x={source_lang}", "n=3", "v=null"]) == {
         "source_file": "{data_root}/t.de.gz", "x": "{source_lang}", "n": 3, "v": None}
+
+
+def test_lists_are_yaml_lists():
+    from mtn.sweep import SweepConfig
+
+    assert load_config(None, ["num_modules=[3, 5]"], cls=SweepConfig).num_modules == [3, 5]
+    assert load_config(None, ["num_modules=4", "hidden_dims="], cls=SweepConfig).num_modules == [4]  # a list of one
+    assert load_config(None, ["hidden_dims="], cls=SweepConfig).hidden_dims == []
+    with pytest.raises(MTNError, match=r"num_modules must be a YAML list like \[a, b\], not '3,5'"):
+        load_config(None, ["num_modules=3,5"], cls=SweepConfig)
+    cfg = load_config(None, {"val_prompts": "a dog, running"}, cls=FinetuneConfig)  # commas belong to a prompt
+    assert cfg.val_prompts == ["a dog, running"]
+    with pytest.raises(MTNError, match="val_prompts must be a YAML list"):
+        load_config(None, {"val_prompts": "a dog|a cat"}, cls=FinetuneConfig)
+
+
+def test_config_round_trips_through_to_dict_and_assignment():
+    """Ray workers rebuild the config from cfg.to_dict(); the driver assigns resolved values."""
+    cfg = load_config(CONFIG_DIR / "multi30k.yaml", ["source_lang=de"])
+    assert TrainConfig(**cfg.to_dict()) == cfg and cfg.languages == ["de", "fr", "cs"]
+    cfg.precision = "bf16"
+    assert cfg.to_dict()["precision"] == "bf16"
+    with pytest.raises(MTNError, match="zero_stage must be 0-3"):
+        FinetuneConfig(**{**FinetuneConfig().to_dict(), "zero_stage": 7})
+
+
+def test_job_configs_share_one_base_and_one_path_resolution(monkeypatch, tmp_path):
+    from mtn.config import JobConfig
+    from mtn.eval.config import EvalConfig
+    from mtn.sweep import SweepConfig
+
+    assert issubclass(TrainConfig, JobConfig) and issubclass(FinetuneConfig, JobConfig)
+    assert FinetuneConfig(lr_schedule="cosine", lr_min_ratio=0.2).lr_min_ratio == 0.2  # the shared schedule's field
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, ["output_dir=out", "feature_cache=s3://b/f", "corpus=generated:10"]).resolve_paths()
+    assert cfg.output_dir == str(tmp_path / "out") and cfg.storage_path == str(tmp_path / "out/ray_results")
+    assert cfg.feature_cache == "s3://b/f" and cfg.mlflow_tracking_uri == f"sqlite:///{tmp_path}/out/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    for cls in (FinetuneConfig, EvalConfig, SweepConfig):
+        cfg = cls(output_dir="o").resolve_paths()
+        assert cfg.output_dir == str(tmp_path / "o") and cfg.mlflow_tracking_uri == "http://mlflow:5000", cls
+    assert FinetuneConfig(mlflow_tracking_uri="sqlite:///x.db").resolve_paths().mlflow_tracking_uri == "sqlite:///x.db"
+
+
+def test_yaml_mistakes_are_one_line(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("lr: 1.0e-3\nmax_steps: 5\nlr: 1.0e-2\n")
+    with pytest.raises(MTNError, match=r"twice.yaml: config key 'lr' given twice \(lines 1 and 3\)"):
+        load_config(twice)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1\n")
+    with pytest.raises(MTNError, match="is not valid YAML") as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)
+    many = "; ".join(["max_steps=x", "zero_stage=y"])
+    with pytest.raises(MTNError) as e:
+        load_config(None, many.split("; "))
+    assert str(e.value) == "config: max_steps must be int, got 'x'; config: zero_stage must be int, got 'y'"

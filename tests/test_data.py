@@ -73,7 +73,7 @@ def test_multilingual_rotate_uses_each_target_once(tmp_path):
 def test_source_lang_all_expands_file_templates():
     from mtn.config import load_config
 
-    cfg = load_config(None, {"source_lang": "all", "languages": "de,fr", "data_root": "/d", "corpus": None,
+    cfg = load_config(None, {"source_lang": "all", "languages": ["de", "fr"], "data_root": "/d", "corpus": None,
                              "source_file": "{data_root}/train.{source_lang}", "target_file": "{data_root}/train.en",
                              "name": "run-{source_lang}"})
     assert cfg.source_file == "/d/train.de,/d/train.fr" and cfg.target_file == "/d/train.en"

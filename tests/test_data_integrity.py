@@ -17,11 +17,13 @@ from mtn.data.features import (
     load_features,
     prune_cache,
     verify_shards,
-    write_manifest,
+    write_feature_manifest,
     write_shard,
 )
-from mtn.data.shards import ShardStream, StreamConfig, list_shards, make_loader, write_tiny_shards
+from mtn.data.loader import make_loader
+from mtn.data.shards import ShardStream, StreamConfig, list_shards
 from mtn.errors import MTNError
+from mtn.tiny.shards import write_tiny_shards
 
 ROOT = Path(__file__).parents[1]
 DIMS = {"source_len": 6, "target_len": 5, "source_dim": 4, "target_dim": 3}
@@ -39,7 +41,7 @@ def rows(lo: int, hi: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def write_cache(url: str, seed: int = 0, generation: str = "gen-a") -> dict:
     shards = [write_shard(url, rows(lo, lo + 10, seed), torch.float16, generation=generation) for lo in (0, 10)]
-    return write_manifest(url, RECORD, shards, DIMS, "float16")
+    return write_feature_manifest(url, RECORD, shards, DIMS, "float16")
 
 
 def test_a_corrupted_shard_is_refused_naming_it_and_how_to_rebuild(tmp_path):
@@ -92,7 +94,7 @@ def test_s3_cache_swap_prune_and_corruption(s3_endpoint):
     write_cache(url, seed=0, generation="gen-a")
     new = [write_shard(url, rows(lo, lo + 10, 1), torch.float16, generation="gen-b") for lo in (0, 10)]
     assert torch.equal(load_features(url)["source"], torch.cat([rows(0, 10)["source"], rows(10, 20)["source"]]).half())
-    manifest = write_manifest(url, RECORD, new, DIMS, "float16")
+    manifest = write_feature_manifest(url, RECORD, new, DIMS, "float16")
     assert prune_cache(url, manifest) == ["gen-a"]
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="integrity")["Contents"])
     assert keys == ["c/gen-b/shard-00000000.safetensors", "c/gen-b/shard-00000010.safetensors", "c/manifest.json"]

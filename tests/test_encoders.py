@@ -10,7 +10,9 @@ import torch
 
 from mtn.encoders import FrozenTextEncoder, load_text_encoder
 from mtn.errors import MTNError
-from mtn.tiny import TINY_CORPUS, TINY_HIDDEN_SIZES, TINY_KINDS, build_tiny_encoder, generate_captions
+from mtn.tiny import TINY_HIDDEN_SIZES, TINY_KINDS
+from mtn.tiny.captions import TINY_CORPUS, generate_captions
+from mtn.tiny.encoders import build_tiny_encoder
 
 L = 16
 SHORT = "a red dog"

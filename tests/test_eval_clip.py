@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 from mtn.errors import MTNError
 from mtn.eval import clip as C
-from mtn.tiny import TINY_CORPUS, build_tiny_encoder
+from mtn.tiny import clip as T
+from mtn.tiny.captions import TINY_CORPUS
+from mtn.tiny.encoders import build_tiny_encoder
 
 CAPTIONS = ["a red dog runs on the beach", "ein hund schwimmt im see", "un chat noir dort sur le canapé", "a boat"]
 LONG = " ".join(["a small boat sails on a calm lake"] * 15)  # ~120 CLIP tokens, over the 77-token limit
@@ -81,7 +83,6 @@ def test_clip_score_matches_torchmetrics(clip_path):
     assert image.shape == text.shape == (5, 32)
     ours = C.clip_score(images, texts, clip_path, batch_size=2)
     assert ours == pytest.approx(C.clip_score_from_embeddings(image, text), abs=1e-4)  # batch 2 vs 16: fp32 noise
-    assert 0.0 <= ours <= 100.0
     # torchmetrics on one pair = that pair's clamped score; on all pairs = max(mean(100 cos), 0).
     per_pair = [C.clip_score_torchmetrics([im], [t], clip_path) for im, t in zip(images, texts, strict=True)]
     assert per_pair == pytest.approx(C.clip_pair_scores(image, text).tolist(), abs=1e-4)
@@ -97,7 +98,10 @@ def test_long_caption_is_truncated_not_fatal(clip_path):
     assert torch.isfinite(long).all()
     # Padding next to a long caption must not change a short caption's embedding.
     assert torch.allclose(short, C.clip_text_embeds(["a boat"], clip_path)[0], atol=1e-5)
-    assert 0.0 <= C.clip_score(_images(1), [LONG], clip_path) <= 100.0
+    # ... and the truncated caption scores as its embedding says (the clamped cosine, x100)
+    image = C.clip_image_embeds(_images(1), clip_path)[0]  # [d]
+    expected = 100 * max(torch.nn.functional.cosine_similarity(image, long, dim=0).item(), 0.0)
+    assert C.clip_score(_images(1), [LONG], clip_path) == pytest.approx(expected, abs=1e-4)
 
 
 def test_mismatched_pairs_are_user_errors(clip_path):
@@ -107,7 +111,7 @@ def test_mismatched_pairs_are_user_errors(clip_path):
 
 def test_build_tiny_clip_is_deterministic(tmp_path, clip_path):
     images = _images(3, seed=4)
-    scores = [C.clip_score(images, CAPTIONS[:3], str(C.build_tiny_clip(tmp_path / name, seed=seed)))
+    scores = [C.clip_score(images, CAPTIONS[:3], str(T.build_tiny_clip(tmp_path / name, seed=seed)))
               for name, seed in (("a", 0), ("b", 0), ("c", 1))]
     assert scores[0] == scores[1] == C.clip_score(images, CAPTIONS[:3], clip_path)
     assert scores[2] != scores[0]
@@ -117,7 +121,7 @@ def test_resolve_clip_reuses_the_cache(cache, clip_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt a cached tiny CLIP")
 
-    monkeypatch.setattr(C, "build_tiny_clip", fail)
+    monkeypatch.setattr(T, "build_tiny_clip", fail)
     assert C.resolve_clip("tiny:clip-vit", cache) == clip_path
     assert C.resolve_clip(clip_path, "unused") == clip_path  # a local folder is used as is
 
@@ -196,7 +200,7 @@ def test_tiny_mclip_round_trip_and_distillation(tmp_path, clip_path, mclip_path)
     encoder = C.MultilingualTextEncoder(mclip_path)
     first = encoder.encode(CAPTIONS)
     assert first.shape == (len(CAPTIONS), 32)
-    rebuilt = C.build_tiny_mclip(tmp_path / "again", clip_path, seed=0)
+    rebuilt = T.build_tiny_mclip(tmp_path / "again", clip_path, seed=0)
     assert torch.equal(C.MultilingualTextEncoder(rebuilt).encode(CAPTIONS), first)
     # The projection was fitted to the CLIP text tower on TINY_CORPUS, so it lands near CLIP's text embeddings.
     cos = torch.nn.functional.cosine_similarity(encoder.encode(TINY_CORPUS), C.clip_text_embeds(TINY_CORPUS, clip_path))
@@ -205,11 +209,14 @@ def test_tiny_mclip_round_trip_and_distillation(tmp_path, clip_path, mclip_path)
 
 def test_multilingual_clip_score(cache, clip_path, mclip_path, tmp_path, monkeypatch):
     score = C.multilingual_clip_score(_images(4), CAPTIONS, clip_path, mclip_path)
-    assert 0.0 <= score <= 100.0
+    # CLIP's image side against the multilingual encoder's caption side, per pair (captions in 3 languages)
+    cos = torch.nn.functional.cosine_similarity(C.clip_image_embeds(_images(4), clip_path),
+                                                C.MultilingualTextEncoder(mclip_path).encode(CAPTIONS))  # [4]
+    assert score == pytest.approx(float((100 * cos).clamp_min(0).mean()), abs=1e-4)
     _hand_made_mclip(tmp_path / "d16", d_clip=16)
     with pytest.raises(MTNError, match="belong together"):
         C.multilingual_clip_score(_images(2), CAPTIONS[:2], clip_path, str(tmp_path / "d16"))
-    monkeypatch.setattr(C, "build_tiny_mclip", lambda *a: pytest.fail("rebuilt a cached tiny M-CLIP"))
+    monkeypatch.setattr(T, "build_tiny_mclip", lambda *a: pytest.fail("rebuilt a cached tiny M-CLIP"))
     assert C.resolve_mclip("tiny:mclip", cache, clip_path) == mclip_path
 
 

@@ -33,7 +33,7 @@ def direct_rows(pairs):
 
 
 @pytest.mark.slow
-def test_extract_with_two_workers_then_train_from_the_cache(tmp_path):
+def test_extract_with_two_workers_then_train_from_the_cache(tmp_path, monkeypatch, capsys):
     from mtn.config import load_config
     from mtn.data import config_pairs
     from mtn.data.features import load_features
@@ -73,10 +73,16 @@ def test_extract_with_two_workers_then_train_from_the_cache(tmp_path):
     tr = load_translator(tmp_path / "lin" / "translator")
     assert type(tr.mtn).__name__ == "LinearTranslationMap" and tr.encode(["a dog"]).shape == (1, 77, 48)
 
-    # a cache from other settings is refused before Ray starts, naming what differs
-    proc, log = run("train_mtn.py", *TINY, *caches, "source_max_length=40", cwd=tmp_path)
-    assert proc.returncode == 2 and "source_encoder.max_length: cache has 48, config wants 40" in proc.stderr, log
-    assert "Traceback" not in proc.stderr
+    # a cache from other settings is refused before Ray starts (in-process: nothing may reach fit's Ray session),
+    # naming what differs
+    from jobs import train_mtn
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mtn.train.fit.ray_session", lambda *a, **kw: pytest.fail("Ray started"))
+    capsys.readouterr()
+    assert train_mtn.main([*TINY, *caches, "source_max_length=40"]) == 2
+    err = capsys.readouterr().err
+    assert "source_encoder.max_length: cache has 48, config wants 40" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

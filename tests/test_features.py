@@ -13,7 +13,7 @@ from mtn.data.features import (
     encode_rows,
     expected_record,
     load_features,
-    write_manifest,
+    write_feature_manifest,
     write_shard,
 )
 from mtn.encoders import load_text_encoder
@@ -40,7 +40,7 @@ def write_cache(url, cfg, pairs, rows):
         shards.append(write_shard(url, {"index": torch.arange(lo, hi), **part}, torch.float16, generation="gen-t"))
     dims = {"source_len": cfg.source_max_length, "target_len": cfg.target_max_length,
             "source_dim": rows["source"].shape[-1], "target_dim": rows["target"].shape[-1]}
-    return write_manifest(url, expected_record(cfg, pairs, [cfg.corpus]), shards, dims, "float16")
+    return write_feature_manifest(url, expected_record(cfg, pairs, [cfg.corpus]), shards, dims, "float16")
 
 
 def test_cache_round_trip_equals_direct_forward(tmp_path, tiny_rows):
@@ -65,7 +65,7 @@ def test_zero_padded_target_is_trimmed_and_restored(tmp_path, tiny_rows):
     zero = {**rows, "target": rows["target"] * rows["target_mask"].unsqueeze(-1)}  # cache_target_padding=false
     entry = write_shard(str(tmp_path / "z"), {"index": torch.arange(40), **zero}, torch.float16, trim_target=True)
     dims = {"source_len": 96, "target_len": 77, "source_dim": zero["source"].shape[-1], "target_dim": 48}
-    write_manifest(str(tmp_path / "z"), expected_record(cfg, pairs, [cfg.corpus]), [entry], dims, "float16",
+    write_feature_manifest(str(tmp_path / "z"), expected_record(cfg, pairs, [cfg.corpus]), [entry], dims, "float16",
                    extra={"target_zero_padded": True})
     got = load_features(str(tmp_path / "z"))
     assert got["target"].shape == (40, 77, 48)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,15 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.ray_head import RAY, token_head
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-RAY = str(BIN / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(home: Path) -> dict:
@@ -44,25 +38,10 @@ def head():
     """-> (dashboard address, token) of a local head started the way KubeRay starts it with authOptions token."""
     token = secrets.token_urlsafe(32)
     home = Path(tempfile.mkdtemp(prefix="rah"))
-    ray_tmp = tempfile.mkdtemp(prefix="ra", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    dash = free_port()
-    ports = [f"--{name}={free_port()}" for name in (
-        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    env = {**base_env(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}",
-                             "--disable-usage-stats", *ports],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        yield f"http://127.0.0.1:{dash}", token
+        with token_head({**base_env(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, num_cpus=1) as address:
+            yield address, token
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -9,7 +9,6 @@ scripts/validate_k8s.py) catches. Offline: helm template only (about 0.4 s a ren
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,8 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 import validate_k8s as vk  # noqa: E402
 from pod_security import API_TOKEN_PATH, policy_errors, selector_matches  # noqa: E402
 
+from tests.helm_chart import helm_path  # noqa: E402
+
 CHART = REPO / "helm" / "mtn-serve"
 SERVE, DASHBOARD, GCS, CLIENT, METRICS = 8000, 8265, 6379, 10001, 8080
 AUTOSCALER_OFF = ["--set", "autoscaler.enabled=false,worker.replicas=4"]  # 4 pods hold the 4 Generator replicas
@@ -28,12 +29,7 @@ AUTOSCALER_OFF = ["--set", "autoscaler.enabled=false,worker.replicas=4"]  # 4 po
 
 @pytest.fixture(scope="module")
 def helm_bin() -> Path:
-    path = vk.find_helm()
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("helm not found at .tools/bin/helm or $HELM (CI=true: it must be installed)")
-        pytest.skip("helm not found at .tools/bin/helm or $HELM: run scripts/get_helm.sh")
-    return path
+    return helm_path()
 
 
 def helm(helm_bin, *args: str):
@@ -149,7 +145,7 @@ def test_network_policy_admits_only_the_cluster_to_ray_ports(default):
     labels = {k: t["metadata"]["labels"] for k, t in pods(default).items()}
     assert spec["policyTypes"] == ["Ingress"]
     assert all(selector_matches(spec["podSelector"], lab) for lab in labels.values())
-    own, operator, serve = spec["ingress"]
+    own, operator, serve, helm_test = spec["ingress"]
     # every port (GCS, dashboard, client, node-to-node): the release's Ray pods in this namespace, nobody else
     (peer,) = own["from"]
     assert _ports(own) is None and set(peer) == {"podSelector"}
@@ -161,6 +157,12 @@ def test_network_policy_admits_only_the_cluster_to_ray_ports(default):
     # Serve: the ingress controller's namespace (values), nothing else
     assert _ports(serve) == {SERVE}
     assert serve["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    # the `helm test` Pod: the Serve port, selected by its own labels, which no Ray pod or outsider has
+    (test_pod,) = default["Pod"]
+    (peer,) = helm_test["from"]
+    assert _ports(helm_test) == {SERVE} and set(peer) == {"podSelector"}
+    assert selector_matches(peer["podSelector"], test_pod["metadata"]["labels"])
+    assert not any(selector_matches(peer["podSelector"], lab) for lab in [*labels.values(), *OUTSIDERS.values()])
     for rule in spec["ingress"][1:]:
         assert not _ports(rule) & {GCS, CLIENT}
 
@@ -171,7 +173,7 @@ def test_network_policy_serve_peers_follow_the_values(helm_bin):
                   'networkPolicy.serve.from=[{"ipBlock":{"cidr":"10.0.0.0/16"}}]', "--set-json",
                   'networkPolicy.metrics.from=[{"namespaceSelector":{"matchLabels":{"name":"monitoring"}}}]')
     (np,) = objs["NetworkPolicy"]
-    _, _, serve, metrics = np["spec"]["ingress"]
+    _, _, serve, metrics, _ = np["spec"]["ingress"]
     assert _ports(serve) == {SERVE} and serve["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}},
         {"podSelector": {"matchLabels": {"mtn-client": "true"}}},  # no namespaceSelector: this namespace only
@@ -179,7 +181,7 @@ def test_network_policy_serve_peers_follow_the_values(helm_bin):
     assert _ports(metrics) == {METRICS}
     # no Serve peers at all: the rule is left out (only the cluster and the operator remain)
     (np,) = render(helm_bin, "--set-json", "networkPolicy.serve.namespaces=[]")["NetworkPolicy"]
-    assert [_ports(r) for r in np["spec"]["ingress"]] == [None, {DASHBOARD, SERVE}]
+    assert [_ports(r) for r in np["spec"]["ingress"]] == [None, {DASHBOARD, SERVE}, {SERVE}]  # + the helm test Pod
 
 
 def test_network_policy_breaking_values_are_refused(helm_bin):

@@ -1,17 +1,16 @@
 """Precomputed latents: the file format, rank split, exact resume; the precompute job feeding the finetune job."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from mtn.data.latents import LatentBatches, check_manifest, read_manifest, write_file, write_manifest
+from mtn.data.latents import (
+    LatentBatches,
+    check_latents_manifest,
+    read_latents_manifest,
+    write_file,
+    write_latents_manifest,
+)
 from mtn.errors import MTNError
-
-ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture
@@ -24,7 +23,7 @@ def latents_dir(tmp_path):
                                                   "latent_std": torch.zeros(n, 4, 2, 2).half(),
                                                   "text": torch.zeros(n, 3, 8).half()}, [f"k{j}" for j in range(n)])
         files.append({"name": f"{i:05d}.safetensors", "rows": n})
-    write_manifest(root, {"pipeline": "tiny", "translator": "tiny", "resolution": 32, "text": "prompt_embeds",
+    write_latents_manifest(root, {"pipeline": "tiny", "translator": "tiny", "resolution": 32, "text": "prompt_embeds",
                           "files": files, "rows": 22})
     return root
 
@@ -43,32 +42,32 @@ def test_ranks_split_files_and_resume_exactly(latents_dir):
 
 
 def test_manifest_checks(latents_dir, tmp_path):
-    m = read_manifest(latents_dir)
-    check_manifest(m, "tiny", "tiny", 32, "prompt_embeds")
+    m = read_latents_manifest(latents_dir)
+    check_latents_manifest(m, "tiny", "tiny", 32, "prompt_embeds")
     with pytest.raises(MTNError, match="precomputed resolution: cache has 32, config wants 64"):
-        check_manifest(m, "tiny", "tiny", 64, "prompt_embeds")
+        check_latents_manifest(m, "tiny", "tiny", 64, "prompt_embeds")
     with pytest.raises(MTNError, match="run jobs/precompute_latents.py first"):
-        read_manifest(str(tmp_path / "none"))
+        read_latents_manifest(str(tmp_path / "none"))
     with pytest.raises(MTNError, match="4 files for 8 workers"):
         LatentBatches(latents_dir, 0, 8, 2, 0, 0, 0)
 
 
 @pytest.mark.slow
-def test_precompute_job_then_finetune_from_latents(tmp_path):
-    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+def test_precompute_job_then_finetune_from_latents(tmp_path, ray_cluster, capsys, monkeypatch):
+    from jobs import finetune_unet, precompute_latents
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run's own sqlite store under output_dir
     out = tmp_path / "run"
-    pre = subprocess.run([sys.executable, str(ROOT / "jobs/precompute_latents.py"), f"output_dir={out}",
-                          "train_mtn=true", "precompute_workers=2"], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]
-    manifest = read_manifest(str(out / "latents"))
+    code = precompute_latents.main([f"output_dir={out}", "train_mtn=true", "precompute_workers=2"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+    manifest = read_latents_manifest(str(out / "latents"))
     assert manifest["rows"] == 256 and len(manifest["files"]) == 8 and manifest["text"] == "source"
-    job = [sys.executable, str(ROOT / "jobs/finetune_unet.py"), f"output_dir={out}", f"precomputed={out}/latents",
-           "num_workers=2", "max_steps=2", "val_every=2", "checkpoint_every=2"]
-    ft = subprocess.run([*job, "train_mtn=true"], env=env, capture_output=True, text=True, timeout=900)
-    assert ft.returncode == 0, ft.stdout[-3000:] + ft.stderr[-3000:]
-    assert "== finetune_unet finished ==" in ft.stdout and (out / "pipeline" / "model_index.json").is_file()
-    bad = subprocess.run(job, env=env, capture_output=True, text=True, timeout=300)  # latents made for train_mtn
-    assert bad.returncode == 2 and "precomputed text: cache has 'source', config wants 'prompt_embeds'" in bad.stderr
+    job = [f"output_dir={out}", f"precomputed={out}/latents", "num_workers=2", "max_steps=2", "val_every=2",
+           "checkpoint_every=2"]
+    code = finetune_unet.main([*job, "train_mtn=true"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+    assert "== finetune_unet finished ==" in printed.out and (out / "pipeline" / "model_index.json").is_file()
+    assert finetune_unet.main(job) == 2  # latents made for train_mtn: refused before Ray's workers start
+    assert "precomputed text: cache has 'source', config wants 'prompt_embeds'" in capsys.readouterr().err

@@ -4,7 +4,6 @@ import torch
 
 from mtn.errors import MTNError
 from mtn.pipeline import (
-    build_tiny_sd_pipeline,
     check_takes_embeddings,
     generate,
     load_pipeline,
@@ -12,6 +11,7 @@ from mtn.pipeline import (
     set_scheduler,
     text_embeddings,
 )
+from mtn.tiny.sd import build_tiny_sd_pipeline
 from mtn.translator import load_translator
 
 KW = dict(num_inference_steps=2, width=32, height=32, guidance_scale=5.0)
@@ -77,6 +77,15 @@ def test_scheduler_choice_keeps_the_noise_schedule(tiny_serving, name, cls):
     assert type(p.scheduler).__name__ == cls
     assert p.scheduler.config.beta_end == pytest.approx(0.012) and p.scheduler.config.beta_schedule == "scaled_linear"
     assert len(generate(p, None, ["a dog"], seeds=[0], **KW)) == 1
+
+
+def test_tiny_reference_loads_the_builtin_pipeline(pipe):
+    p = load_pipeline("tiny:sd", scheduler="ddim")  # what the evaluation job's default `pipeline: tiny:sd` loads
+    assert type(p.scheduler).__name__ == "DDIMScheduler" and p.unet.config.cross_attention_dim == 48
+    saved = pipe.unet.state_dict()  # the folder conftest saved from build_tiny_sd_pipeline(seed=0)
+    assert all(torch.equal(v, saved[k]) for k, v in p.unet.state_dict().items())
+    with pytest.raises(MTNError, match="unknown builtin pipeline 'tiny:sdxl'"):
+        load_pipeline("tiny:sdxl")
 
 
 def test_bad_scheduler_and_folder(pipe, tmp_path):

@@ -2,63 +2,28 @@
 
 import os
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.ray_head import RAY, token_head
+
 ROOT = Path(__file__).parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """-> (dashboard address, env for the ray CLI) of a head started for this module only."""
-    gcs, dash = free_port(), free_port()
-    # every port of its own, so the test never collides with another Ray on the machine
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     # Ray 2.60 clusters require a token; the CLI only sends one in token mode. A token of the test's own, so a
     # fresh HOME (no ~/.ray/auth_token) works too.
     env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    # --block keeps `ray start` in the foreground: terminating it stops exactly this cluster (no global `ray stop`)
-    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--temp-dir={ray_tmp}", "--disable-usage-stats", *ports],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        for _ in range(120):  # the job server answers a few seconds after start
-            assert head.poll() is None, "`ray start --head` exited"
-            if subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("the Ray job server did not answer within 120 s")
+    with token_head(env, num_cpus=2) as address:
         yield address, env
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def submit(cluster, job: str, *overrides) -> subprocess.CompletedProcess:

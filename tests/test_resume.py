@@ -152,10 +152,12 @@ def test_a_workers_mtn_error_reaches_the_driver_as_one_line():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
+    from mtn.train.fit import worker_user_error
+
     try:
         raise MTNError("checkpoint staging: /tmp has 0.10 GiB free")
     except MTNError as e:
         wrapped = UserExceptionWithTraceback(e, "Traceback (most recent call last): ...")
     failure = WorkerGroupError("rank 1 failed", {1: wrapped})
-    assert distributed.worker_user_error(failure) == "checkpoint staging: /tmp has 0.10 GiB free"
-    assert distributed.worker_user_error(WorkerGroupError("x", {0: RuntimeError("bug")})) is None
+    assert worker_user_error(failure) == "checkpoint staging: /tmp has 0.10 GiB free"
+    assert worker_user_error(WorkerGroupError("x", {0: RuntimeError("bug")})) is None

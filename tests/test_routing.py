@@ -3,7 +3,7 @@
 import pytest
 
 from mtn.errors import MTNError
-from mtn.routing import LanguageRouter, UnsupportedLanguage
+from serve.routing import LanguageRouter, UnsupportedLanguage
 
 pytest.importorskip("lingua")
 

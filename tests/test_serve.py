@@ -151,8 +151,7 @@ def test_registry_uris_are_cached_per_store_and_only_when_complete(tiny_serving,
     """models:/m/1 of one MLflow store is not models:/m/1 of another; a version whose folder lacks the marker is
     refused every time, never cached as if it were complete."""
     import mlflow
-
-    from mtn.train.tracking import register_folder
+    from mlflow_store import register_plain_folder as register_folder  # the layout older than logged models
 
     folders = []
     for store, logged in (("a", tiny_serving[1]), ("b", tiny_serving[1] / "mtn")):  # b: no translator.json
@@ -162,7 +161,7 @@ def test_registry_uris_are_cached_per_store_and_only_when_complete(tiny_serving,
         exp = mlflow.create_experiment("e", artifact_location=str(tmp_path / f"artifacts-{store}"))
         with mlflow.start_run(experiment_id=exp) as run:
             mlflow.log_artifacts(str(logged), "translator")
-        assert register_folder(mlflow, "m", run.info.run_id, "translator") == "models:/m/1"
+        assert register_folder(mlflow.MlflowClient(), "m", run.info.run_id, "translator") == "models:/m/1"
         if store == "a":
             folders.append(fetch_folder("models:/m/1", "translator.json", cache_dir=tmp_path / "cache"))
     for _ in range(2):

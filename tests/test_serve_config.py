@@ -50,3 +50,24 @@ def test_python_m_serve_bad_config_is_one_line(tmp_path):
         p = subprocess.run([sys.executable, "-m", "serve", "--config", *argv], cwd=ROOT, capture_output=True,
                            text=True, timeout=120, env=env)
         assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_app_args_load_through_the_jobs_loader(monkeypatch, tmp_path):
+    """serve/config.yaml's args + key=value overrides (dotted for nested models) + ${ENV:-default}; one-line errors."""
+    import pytest
+
+    from mtn.errors import MTNError
+    from serve.config import load_app_args
+
+    monkeypatch.setenv("MTN_TEST_PIPE", str(tmp_path / "pipe"))
+    args = load_app_args(str(ROOT / "serve/config.yaml"), ["limits.max_steps=20", "pipeline=${MTN_TEST_PIPE:-x}"])
+    assert args["limits"]["max_steps"] == 20 and args["pipeline"] == str(tmp_path / "pipe")
+    assert AppArgs.model_validate(args).limits.max_width == AppArgs.model_validate(
+        args_from_config(str(ROOT / "serve/config.yaml"))).limits.max_width  # untouched keys stay
+    assert load_app_args(None, ["dtype=float32"], {"pipeline": "p"}) == {"pipeline": "p", "dtype": "float32"}
+    for overrides, match in ((["limits.max_widht=9"], r"'limits.max_widht' \(did you mean 'limits.max_width'\?\)"),
+                             (["limits.max_steps=0"], "limits.max_steps input should be greater than or equal to 1"),
+                             (["hybrid_route=zz"], "hybrid_route='zz' is neither")):
+        with pytest.raises(MTNError, match=match) as e:
+            load_app_args(None, overrides, {"pipeline": "p"})
+        assert str(e.value).startswith("invalid app args: ") and "\n" not in str(e.value)

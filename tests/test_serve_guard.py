@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mtn.errors import MTNError
+from serve import LOGGER
 from serve.api import GenerateRequest, RequestError, Service, Unavailable
 from serve.app import raise_for_error
 from serve.config import AppArgs, Auth
@@ -39,6 +40,16 @@ class Backend:
             raise self.fail
         return {"images": ["png"] * request["num_images"], "timings": {"generate_ms": 1.0},
                 "batch": {"images": request["num_images"], "requests": 1}}
+
+
+@pytest.fixture
+def service_log(caplog):
+    """caplog for the service's logger (a child of Ray Serve's, which does not propagate to the root)."""
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 def app_with(backend=None, keys=(), **over):
@@ -101,9 +112,27 @@ def test_ok_answer_has_no_uris_and_a_request_id():
     assert status == 422 and body["request_id"] == "abc123" and "x-request-id" not in dict(head)
 
 
-def test_api_keys_401_without_or_with_a_wrong_key_and_healthz_open(caplog):
+def test_every_generate_answer_is_recorded_with_its_route_language_and_status():
+    seen = []
+    args = AppArgs.model_validate({**ARGS, "translators": {"de": "/m/de", "multi": "/m/multi"}})
+    app = make_api(Service(args, Backend()), load_api_keys(Auth(), {"MTN_API_KEYS": "k"}),
+                   lambda *labels: seen.append(labels))
+    key = [("Authorization", "Bearer k")]
+    assert call(app, body=GOOD, headers=key)[0] == 200
+    assert call(app, body={"prompt": "Eine Katze sitzt auf dem Tisch and a dog sleeps on the floor"},
+                headers=key)[0] == 200
+    assert call(app, body={**GOOD, "num_images": 99}, headers=key)[0] == 422  # refused before routing
+    assert call(app, body=GOOD)[0] == 401
+    assert call(app, "GET", "/healthz")[0] == 200 and call(app, "GET", "/v1/languages", headers=key)[0] == 200
+    failing = make_api(Service(args, Backend(fail=Unavailable("at capacity"))), (), lambda *labels: seen.append(labels))
+    assert call(failing, body=GOOD)[0] == 503
+    assert seen == [("de", "de", 200), ("multi", "de", 200), ("none", "none", 422), ("none", "none", 401),
+                    ("de", "de", 503)]
+
+
+def test_api_keys_401_without_or_with_a_wrong_key_and_healthz_open(service_log):
+    caplog = service_log
     app = app_with(keys=load_api_keys(Auth(), {"MTN_API_KEYS": " k-one ,k-two,"}))
-    caplog.set_level(logging.DEBUG, logger="mtn.serve")
     for headers in ([], [("Authorization", "Bearer nope")], [("Authorization", "k-one")],
                     [("Authorization", "Basic k-one")]):
         status, head, body = call(app, body=GOOD, headers=headers)
@@ -150,12 +179,11 @@ def test_timeout_is_504_json_and_cancels_the_backend_call():
      "3"),
     (MTNError("translator folder not found: /models/secret-de"), 503, "3"),
     (RuntimeError("boom in /srv/secret/file.py line 3"), 500, None)])
-def test_backend_failures_are_plain_json(fail, code, retry, caplog):
-    caplog.set_level(logging.INFO, logger="mtn.serve")
+def test_backend_failures_are_plain_json(fail, code, retry, service_log):
     status, head, body = call(app_with(Backend(fail=fail)), body=GOOD)
     assert_plain_error(status, head, body, code)
     assert dict(head).get("retry-after") == retry
-    assert body["request_id"] in caplog.text  # the details are in the log, under the request id
+    assert body["request_id"] in service_log.text  # the details are in the log, under the request id
 
 
 def test_pixel_budget_422_for_a_single_request():

@@ -1,10 +1,12 @@
-"""The Ray Serve app over real HTTP on 127.0.0.1: generation, batching, fuzzed bad requests, the web page."""
+"""The Ray Serve app over real HTTP on 127.0.0.1: metrics and JSON logs, generation, batching, fuzzed bad requests,
+the web page. One app for the module (a Ray start costs ~10 s)."""
 
 import base64
 import io
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +25,7 @@ LIMITS = {"max_width": 128, "max_height": 128, "max_steps": 8, "max_images": 2, 
 
 
 @pytest.fixture(scope="module")
-def url(tiny_serving):
+def served(tiny_serving, tmp_path_factory):
     from serve.app import build_app
 
     pipe, tr = tiny_serving
@@ -32,8 +34,13 @@ def url(tiny_serving):
             "defaults": {"num_inference_steps": 2, "guidance_scale": 5.0, "width": 32, "height": 32},
             # a long wait so that 8 concurrent requests surely meet in batches of up to 4
             "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 2.0}}
-    with serve_on_loopback(build_app(args)) as url:
-        yield url
+    with serve_on_loopback(build_app(args), logs_dir=tmp_path_factory.mktemp("serve-logs")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served.url
 
 
 def png(b64: str):
@@ -42,6 +49,78 @@ def png(b64: str):
     raw = base64.b64decode(b64)
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
     return Image.open(io.BytesIO(raw))
+
+
+# ------------------------------------------------------------------------------------------- watching
+
+def scrape(metrics_url: str) -> dict[str, dict[tuple, float]]:
+    """The ray_mtn_* samples of a Prometheus endpoint: name -> {(route, language, status): value summed over the
+    other labels (replicas)}; labels a metric lacks are None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple, float]] = {}
+    text = requests.get(metrics_url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_mtn_"):
+                key = tuple(sample.labels.get(k) for k in ("route", "language", "status"))
+                series = out.setdefault(sample.name, {})
+                series[key] = series.get(key, 0.0) + sample.value
+    return out
+
+
+def changed(before: dict, after: dict) -> dict[tuple, float]:
+    """(name, *labels) -> after - before, for the series that changed."""
+    return {(name, *key): v - before.get(name, {}).get(key, 0.0) for name, series in after.items()
+            for key, v in series.items() if v != before.get(name, {}).get(key, 0.0)}
+
+
+def test_metrics_endpoint_counts_the_requests(served):
+    """Ray's metrics export port (8080 under KubeRay, what the chart's PodMonitor scrapes) shows these requests:
+    exactly 3 answered on route de and 1 refused before routing, and the Generator's batch and time histograms."""
+    before = scrape(served.metrics_url)
+    with ThreadPoolExecutor(3) as pool:  # concurrent: one batch (the module's 2 s batch wait)
+        codes = list(pool.map(lambda i: requests.post(f"{served.url}/v1/generate", timeout=120, json={
+            "prompt": "ein roter Hund läuft am Strand", "seed": i}).status_code, range(3)))
+    refused = requests.post(f"{served.url}/v1/generate", json={"prompt": "ein Hund", "num_images": 9}, timeout=30)
+    assert codes == [200] * 3 and refused.status_code == 422
+    expected = {("ray_mtn_requests_total", "de", "de", "200"): 3, ("ray_mtn_requests_total", "none", "none", "422"): 1,
+                ("ray_mtn_queue_wait_seconds_count", "de", None, None): 3,
+                ("ray_mtn_generate_seconds_count", "de", None, None): 3,
+                ("ray_mtn_batch_requests_sum", None, None, None): 3, ("ray_mtn_batch_images_sum", None, None, None): 3}
+    deadline = time.monotonic() + 90  # Ray exports every metrics_report_interval_ms (tests/serving.py: 1 s)
+    seen = {}
+    while time.monotonic() < deadline:
+        seen = {k: v for k, v in changed(before, scrape(served.metrics_url)).items() if k in expected}
+        if all(seen.get(k, 0) >= v for k, v in expected.items()):
+            break
+        time.sleep(0.5)
+    assert seen == expected
+    batches = changed(before, scrape(served.metrics_url))[("ray_mtn_batch_requests_count", None, None, None)]
+    assert 1 <= batches <= 3
+
+
+def json_or_none(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a line still being written
+        return None
+
+
+def test_json_logs_carry_the_request_id(served):
+    r = requests.post(f"{served.url}/v1/generate", json={"prompt": "ein roter Hund läuft am Strand"}, timeout=120)
+    assert r.status_code == 200
+    rid = r.headers["X-Request-ID"]
+    records: list[dict] = []
+    deadline = time.monotonic() + 30
+    while not {rec.get("deployment") for rec in records} >= {"mtn_Ingress", "mtn_Generator"} and time.monotonic() < deadline:
+        lines = [line for f in served.logs_dir.rglob("*.log") for line in f.read_text().splitlines() if rid in line]
+        records = [rec for rec in map(json_or_none, lines) if rec and rec.get("request_id") == rid]
+        time.sleep(0.2)
+    # the service's own line (serve/api.py) under the id, and the Generator's lines for the same request
+    ours = [rec for rec in records if rec["message"].startswith(f"request {rid}: route de")]
+    assert len(ours) == 1 and ours[0]["deployment"] == "mtn_Ingress" and ours[0]["levelname"] == "INFO", records
+    assert any(rec.get("deployment") == "mtn_Generator" for rec in records), records
 
 
 def test_generate_returns_png_and_route(url, tiny_serving):

@@ -38,8 +38,8 @@ def url(tiny_serving):
             "auth": {"api_keys_env": KEY_ENV, "required": True}}
     os.environ[KEY_ENV] = KEY  # the replicas inherit it from the process that starts Ray (the chart: a Secret)
     try:
-        with serve_on_loopback(build_app(args, generator_options={"max_ongoing_requests": 2})) as url:
-            yield url
+        with serve_on_loopback(build_app(args, generator_options={"max_ongoing_requests": 2})) as served:
+            yield served.url
     finally:
         os.environ.pop(KEY_ENV, None)
 

@@ -11,8 +11,10 @@ from PIL import Image
 
 from mtn.data import shards as shards_mod
 from mtn.data.imageproc import decode_image, train_transform
-from mtn.data.shards import ShardStream, StreamConfig, list_shards, make_loader, write_tiny_shards
+from mtn.data.loader import make_loader
+from mtn.data.shards import ShardStream, StreamConfig, list_shards
 from mtn.errors import MTNError
+from mtn.tiny.shards import write_tiny_shards
 
 CFG = StreamConfig(resolution=16, shuffle_buffer=8)
 LENIENT = StreamConfig(resolution=16, shuffle_buffer=8, max_skipped_shard_fraction=1.0)  # count bad shards, never fail

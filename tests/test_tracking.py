@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mtn.train.tracking import QUICK_HTTP, RunTracker, main, quick_http_env, redact, upload_outputs
+from mtn.train.guard import QUICK_HTTP, quick_http_env, redact
+from mtn.train.tracking import RunTracker, main, upload_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +69,10 @@ class FakeClient:
     def update_run(self, run_id, status):
         self._hit()
 
+    def log_inputs(self, run_id, datasets=()):
+        self._hit()
+        self.batches.append(("inputs", list(datasets)))
+
     def set_terminated(self, run_id, status):
         self._hit()
 
@@ -87,8 +92,10 @@ class Clock:
         self.t += s
 
 
-def tracker(client, clock, logs, **kw):
-    return RunTracker(Cfg(), client=client, clock=clock, sleep=clock.sleep, log=logs.append, **kw)
+def tracker(client, clock, logs, cfg=None, system_metrics_s=None, **kw):
+    """System metrics off unless asked for: a test takes samples by calling `t.sampler.sample()`."""
+    return RunTracker(cfg or Cfg(), client=client, clock=clock, sleep=clock.sleep, log=logs.append,
+                      system_metrics_s=system_metrics_s, **kw)
 
 
 def test_outage_costs_bounded_retries_one_warning_and_buffered_points_are_flushed():
@@ -171,27 +178,91 @@ def free_port() -> int:
 def test_failed_upload_prints_a_retry_command_that_works(tmp_path, capsys, monkeypatch):
     import mlflow
 
+    from mtn.tiny.translator import build_tiny_translator
+
     out = tmp_path / "out"
-    (out / "translator").mkdir(parents=True)
-    (out / "translator" / "config.json").write_text("{}")
+    build_tiny_translator(seed=0).save(out / "translator")  # its source LM (tiny:t5) is built from a config
     (out / "metrics.json").write_text("{}")
-    arts = {"translator": str(out / "translator"), "metrics.json": str(out / "metrics.json")}
+    arts, model = {"metrics.json": str(out / "metrics.json")}, {"translator": str(out / "translator")}
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    assert upload_outputs(dead, "abc", arts, "m", "translator", attempts=2, backoff_s=0.1) is None
+    assert upload_outputs(dead, "abc", arts, model, "m", attempts=2, backoff_s=0.1) is None
     assert time.monotonic() - t0 < 30  # seconds, not MLflow's minutes of retries
     err = capsys.readouterr().err
     assert "outputs ARE published" in err
     cmd = shlex.split(err.strip().splitlines()[-1])
     assert cmd[1:4] == ["-m", "mtn.train.tracking", "upload"] and cmd[cmd.index("--tracking-uri") + 1] == dead
+    assert cmd[cmd.index("--model") + 1] == f"translator={out / 'translator'}" and cmd[cmd.index("--register") + 1] == "m"
 
-    # the same command against a store that works (the server is back): uploads, registers, ends the run
+    # the same command against a store that works (the server is back): uploads, logs the translator as the
+    # run's MLflow model, registers that, ends the run
     store = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(store)
     exp = client.create_experiment("mtn", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
     cmd[cmd.index("--tracking-uri") + 1], cmd[cmd.index("--run-id") + 1] = store, run_id
     assert main(cmd[3:]) == 0
-    assert {a.path for a in client.list_artifacts(run_id)} == {"translator", "metrics.json"}
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert client.get_run(run_id).data.tags["mtn.registered_model"] == "models:/m/1"
+    assert {a.path for a in client.list_artifacts(run_id)} == {"metrics.json"}
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mtn.registered_model"] == "models:/m/1"
+    (logged,) = client.search_logged_models([exp])
+    assert logged.name == "translator" and logged.source_run_id == run_id
+    assert client.get_model_version("m", "1").source == f"models:/{logged.model_id}"
+    assert main(["upload", "--tracking-uri", store, "--register", "m"]) == 2  # nothing to register: usage error
+
+
+def test_system_metrics_wait_with_the_training_metrics_while_the_server_is_down():
+    client, clock, logs = FakeClient(), Clock(), []
+    t = tracker(client, clock, logs, system_metrics_s=3600)  # the thread never fires: samples taken by hand
+    client.down = True
+    t.log_metrics({"train/loss": 1.0}, 7)
+    assert t.sampler.sample() and t.sampler.sample()
+    t.log_metrics({"train/loss": 0.5}, 8)  # between probes: queued, nothing raised, nothing blocked
+    system = [m for m in t.pending if m.key.startswith("system/")]
+    assert {m.key for m in system} >= {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+    assert {m.step for m in system} == {7} and len(system) == 2 * len({m.key for m in system})
+    client.down, clock.t = False, clock.t + 60
+    t.log_metrics({"train/loss": 0.25}, 9)
+    assert not t.pending and "system/cpu_utilization_percentage" in {
+        m.key for kind, ms in client.batches if kind == "metrics" for m in ms}
+    t.close()
+    assert not t.sampler._thread.is_alive()
+
+
+@dataclass
+class DataCfg(Cfg):
+    corpus: str = ""
+    feature_cache: str | None = None
+
+
+def test_a_new_run_says_which_job_made_it_and_what_it_trained_on(tmp_path):
+    """Source tags (not Ray's default_worker.py), the training data as an mlflow.data input, system metrics."""
+    import mlflow
+
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("ein Hund\na red dog\n")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = DataCfg(mlflow_tracking_uri=store, output_dir=str(tmp_path), corpus=str(corpus))
+    t = RunTracker(cfg, job="finetune_unet", system_metrics_s=3600)
+    assert t.sampler.sample()
+    t.log_metrics({"train/loss": 1.0}, 1)
+    t.close("FINISHED")
+    run = mlflow.MlflowClient(store).get_run(t.run_id)
+    assert run.data.tags["mlflow.source.name"] == "jobs/finetune_unet.py"
+    assert run.data.tags["mlflow.source.type"] == "JOB" and run.data.tags["mtn.job"] == "finetune_unet"
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == "captions.txt" and used.dataset.source_type == "local"
+    assert str(corpus) in used.dataset.source and [(x.key, x.value) for x in used.tags] == [
+        ("mlflow.data.context", "training")]
+    assert "system/system_memory_usage_megabytes" in run.data.metrics and run.data.metrics["train/loss"] == 1.0
+    # the digest follows the data: same files -> same digest, a changed file -> another one
+    from mtn.train.run_metadata import data_fields, fingerprint
+
+    assert fingerprint(data_fields(cfg)) == used.dataset.digest
+    corpus.write_text("ein Hund\n")
+    assert fingerprint(data_fields(cfg)) != used.dataset.digest
+    generated = DataCfg(corpus="generated:200")
+    from mtn.train.run_metadata import training_input
+
+    assert training_input(generated).dataset.source_type == "code"
+    assert training_input(Cfg()) is None  # a config naming no data: no input logged

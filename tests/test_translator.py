@@ -8,7 +8,7 @@ from mtn import MTNError, load_translator
 from mtn.encoders import load_text_encoder
 from mtn.losses import mtn_losses
 from mtn.model import ModelTranslationNetwork
-from mtn.tiny import generate_captions
+from mtn.tiny.captions import generate_captions
 from mtn.translator import Translator
 
 

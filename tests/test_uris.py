@@ -215,8 +215,7 @@ def test_whole_download_deadline(model, tmp_path, monkeypatch):
 def test_registry_alias_is_resolved_to_its_version(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from mtn.train.tracking import register_folder
+    from mlflow_store import register_plain_folder
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -228,7 +227,7 @@ def test_registry_alias_is_resolved_to_its_version(tmp_path, monkeypatch):
         (folder / "translator.json").write_text(json.dumps({"v": version}))
         with mlflow.start_run(experiment_id=exp) as run:
             mlflow.log_artifacts(str(folder), "translator")
-        assert register_folder(mlflow, "m", run.info.run_id, "translator") == f"models:/m/{version}"
+        assert register_plain_folder(MlflowClient(), "m", run.info.run_id, "translator") == f"models:/m/{version}"
     client, cache = MlflowClient(), tmp_path / "cache"
 
     def version_of(model_uri):

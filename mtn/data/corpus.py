@@ -21,7 +21,7 @@ def read_lines(path: str) -> list[str]:
     if "," in path:
         return [line for p in path.split(",") if p.strip() for line in read_lines(p.strip())]
     if path.startswith("generated:"):
-        from mtn.tiny import generate_captions
+        from mtn.tiny.captions import generate_captions
 
         try:
             n = int(path.split(":", 1)[1])

@@ -157,7 +157,7 @@ def _write_atomic(fs, path: str, text: str) -> None:
             f.write(text)
 
 
-def write_manifest(url: str, record: dict, shards: list[dict], dims: dict, dtype: str, extra: dict | None = None):
+def write_feature_manifest(url: str, record: dict, shards: list[dict], dims: dict, dtype: str, extra: dict | None = None):
     """Write the manifest last: this is the moment the cache (or its new generation) becomes the valid one."""
     fs, root = _fs(url)
     manifest = {"format": FORMAT, "version": VERSION, **record, "dtype": dtype, **dims,
@@ -200,7 +200,7 @@ def discard_generation(url: str, generation: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def read_manifest(url: str) -> dict:
+def read_feature_manifest(url: str) -> dict:
     fs, root = _fs(url)
     if not fs.exists(f"{root}/{MANIFEST}"):
         what = "an incomplete extraction (no manifest.json)" if fs.exists(root) else "not found"
@@ -218,7 +218,7 @@ def read_manifest(url: str) -> dict:
 def check_cache(url: str, expected: dict, needs_target_padding: bool = False) -> dict:
     """The manifest, if it was extracted with exactly the encoders, lengths, prefixes and corpus expected
     (and holds real target features at padded positions when the loss scores them)."""
-    manifest = read_manifest(url)
+    manifest = read_feature_manifest(url)
     problems = []
     if needs_target_padding and manifest.get("target_zero_padded"):
         problems.append("target padding: the cache zero-padded the target (cache_target_padding=false) but "
@@ -265,7 +265,7 @@ def _warn_unchecked(url: str, manifest: dict) -> None:
 
 def verify_shards(url: str, manifest: dict | None = None) -> dict:
     """Read every shard and check it against its manifest checksum; raises MTNError naming the first bad one."""
-    manifest = manifest or read_manifest(url)
+    manifest = manifest or read_feature_manifest(url)
     fs, root = _fs(url)
     _warn_unchecked(url, manifest)
     for shard in manifest["shards"]:
@@ -278,7 +278,7 @@ def load_features(url: str, manifest: dict | None = None, rows: int | None = Non
     Every shard is checked against its manifest checksum first."""
     from safetensors.torch import load
 
-    manifest = manifest or read_manifest(url)
+    manifest = manifest or read_feature_manifest(url)
     fs, root = _fs(url)
     _warn_unchecked(url, manifest)
     parts = []

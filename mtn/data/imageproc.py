@@ -1,5 +1,5 @@
 """Image helpers for mtn.data.shards: decode (with JPEG DCT-domain downscaling), the SD training transform
-(resize shorter side -> crop -> flip -> [-1, 1]) and the toy painter behind write_tiny_shards."""
+(resize shorter side -> crop -> flip -> [-1, 1])."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
-
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, TypeError, IndexError)
+from PIL import Image
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -22,8 +20,10 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
     """Fully decoded RGB image. With `min_side` > 0, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
-    that keeps its shorter side >= min_side: 2-5x faster on large photos, and an antialiased downscale anyway.
-    Raises one of DECODE_ERRORS on corrupt or truncated bytes (PIL's LOAD_TRUNCATED_IMAGES is left False)."""
+    that keeps its shorter side >= min_side: much faster on large photos (BENCHMARKS.md, "Streaming shards"), and an
+    antialiased downscale anyway.
+    Raises PIL's errors (OSError, ValueError, SyntaxError, ...) on corrupt or truncated bytes (PIL's
+    LOAD_TRUNCATED_IMAGES is left False)."""
     img = Image.open(io.BytesIO(data))
     if min_side and img.format == "JPEG":
         w, h = img.size
@@ -80,41 +80,3 @@ def train_transform(img: Image.Image, resolution: int, center_crop: bool = True,
     if random_flip and rng is not None and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(img)
-
-
-# ----------------------------------------------------------------------------------------------- toy images
-def paint_image(rng: random.Random, width: int, height: int, noise: float = 0.0) -> Image.Image:
-    """A random-ish picture: a two-colour gradient background with 1-3 filled shapes; `noise` > 0 adds grain
-    (sigma in grey levels) so JPEGs get photo-like sizes (benchmarks)."""
-
-    def colour():
-        return tuple(rng.randrange(256) for _ in range(3))
-
-    ramp = Image.linear_gradient("L").rotate(rng.choice([0, 90, 180, 270])).resize((width, height))  # 256x256 -> WxH
-    img = ImageOps.colorize(ramp, colour(), colour()).convert("RGB")
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(1, 3)):
-        x0, y0 = rng.randrange(width), rng.randrange(height)
-        x1, y1 = x0 + rng.randint(width // 8, width // 2), y0 + rng.randint(height // 8, height // 2)
-        kind = rng.choice(["ellipse", "rectangle", "triangle"])
-        if kind == "ellipse":
-            draw.ellipse((x0, y0, x1, y1), fill=colour())
-        elif kind == "rectangle":
-            draw.rectangle((x0, y0, x1, y1), fill=colour())
-        else:
-            draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=colour())
-    if noise > 0:
-        grain = Image.effect_noise((width, height), noise).convert("RGB")  # mean 128
-        img = Image.blend(img, grain, 0.25)
-    return img
-
-
-def encode_image(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    if fmt in ("jpg", "jpeg"):
-        img.save(buf, format="JPEG", quality=90)
-    elif fmt == "webp":
-        img.save(buf, format="WEBP", quality=90)
-    else:
-        img.save(buf, format="PNG")
-    return buf.getvalue()

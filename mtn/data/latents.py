@@ -33,12 +33,12 @@ def write_file(root: str, name: str, tensors: dict[str, torch.Tensor], keys: lis
         f.write(data)
 
 
-def write_manifest(root: str, record: dict) -> None:
+def write_latents_manifest(root: str, record: dict) -> None:
     with fsspec.open(f"{root.rstrip('/')}/{MANIFEST}", "w") as f:
         f.write(json.dumps({"format": FORMAT, **record}, indent=2))
 
 
-def read_manifest(root: str) -> dict:
+def read_latents_manifest(root: str) -> dict:
     try:
         with fsspec.open(f"{root.rstrip('/')}/{MANIFEST}", "r") as f:
             manifest = json.load(f)
@@ -50,7 +50,7 @@ def read_manifest(root: str) -> dict:
     return manifest
 
 
-def check_manifest(manifest: dict, pipeline: str, translator: str | None, resolution: int, text: str) -> None:
+def check_latents_manifest(manifest: dict, pipeline: str, translator: str | None, resolution: int, text: str) -> None:
     """Refuse latents made for another pipeline, translator, resolution or text route (never silently)."""
     want = {"pipeline": pipeline, "translator": translator, "resolution": resolution, "text": text}
     for key, value in want.items():
@@ -70,7 +70,7 @@ class LatentBatches:
     shuffled within each file; `skip_batches` resumes mid-epoch exactly (the order is deterministic)."""
 
     def __init__(self, root: str, rank: int, world: int, batch_size: int, seed: int, epoch: int, skip_batches: int):
-        self.root, self.manifest = root, read_manifest(root)
+        self.root, self.manifest = root, read_latents_manifest(root)
         files = self.manifest["files"]
         if len(files) < world:
             raise MTNError(f"{root} has {len(files)} files for {world} workers: precompute from more shards")

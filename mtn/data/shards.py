@@ -5,13 +5,8 @@ finetuning. Reader: plain sequential tar parsing over an fsspec stream + a read-
 Why not Ray Data (read_webdataset + ray.train.get_dataset_shard): open-source Ray has no exact mid-epoch resume
 (ray-project/ray#37633 is still open; Anyscale's "mid-epoch resumption" is a RayTurbo-only feature), its
 streaming order is not reproducible by default, a corrupt image or a cut tar fails the read/map task instead of
-being counted, and it was ~3x slower here. `python bench/streaming.py --repeat 2` (40 shards x 100 jpgs of 512 px =
-223 MB, moto S3 on loopback, 2 CPU cores shared with other jobs, 256 px, batch 32; ranges over 4 runs, load
-1-3), samples/s (first batch): boto3 GET 3700-10000 (200-620 MB/s) | this reader, no decode 4100-5900
-(230-330 MB/s) | make_loader workers=0 660-780 (0.3-0.5 s), workers=2 710-770 (0.7-0.9 s) |
-Ray Data 200-270 (3.8-6.2 s). Decode+resize is the bound (~1.4 ms/image with DCT-scaled JPEG decode,
-`jpeg_draft`, vs ~5 ms without); 2 cores also run moto and the main process, so workers=2 gains little here
-(local files: 860-990 vs 510-580 with one worker). Budget about one loader worker per 500 images/s.
+being counted, and it was slower here. Image decode + resize, not reading, bounds the loader: throughput scales
+with loader workers (CPU cores). Measured with `python bench/streaming.py`: BENCHMARKS.md, "Streaming shards".
 
 Order. The epoch's shard list is shuffled by (seed, epoch) and dealt to ranks (`shards[rank::world]`), then to
 `lanes` sub-streams per rank (default: one per DataLoader worker). Each lane reads its shards in order through
@@ -22,16 +17,15 @@ exactly one (rank, lane), at the price of each reader scanning (not decoding) th
 
 Resume. `skip_batches=k` (batches this rank consumed in this epoch) is exact: a lane first replays its first
 ceil((k - lane) / lanes) batches, which were certainly consumed, checking images (decode) but without resize,
-crop or transfer; ShardLoader re-merges the lanes in canonical order in the main process (the DataLoader's
-worker round-robin plays no part) and drops the few remaining consumed batches that exist only when some lane
+crop or transfer; ShardLoader (mtn.data.loader) re-merges the lanes in canonical order in the main process (the
+DataLoader's worker round-robin plays no part) and drops the few remaining consumed batches that exist only when some lane
 ran out before position k. Same shards, seed, epoch, world size, lanes (num_workers) and batch size required.
 
-Stats. Each batch from make_loader carries "stats": counts since the previous batch, summed over all loader
-workers (the last batch also carries the counts that came after it), so the sum of batch["stats"] over an
-epoch is the epoch's total; `loader.totals` holds the same running sum. Keys: STAT_KEYS. `ShardStream.stats()`
-counts only what ran in the calling process (num_workers=0 or direct iteration). Failed or truncated shards are
-skipped and counted, but once a lane has lost more than `max_skipped_shard_fraction` of its shards the stream
-raises MTNError (in the main process, also from loader workers): an S3 outage fails the run, not its data.
+Stats. Each make_loader batch carries "stats": the STAT_KEYS counts since the previous batch over all loader
+workers (the last batch also those after it), so they sum to the epoch's totals (`loader.totals`, a running sum);
+`ShardStream.stats()` counts only the calling process. Failed or truncated shards are skipped and counted, but
+once a lane has lost more than `max_skipped_shard_fraction` of its shards the stream raises MTNError (in the main
+process, also from loader workers): an S3 outage fails the run, not its data.
 """
 
 from __future__ import annotations
@@ -41,17 +35,14 @@ import logging
 import random
 from dataclasses import dataclass
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from mtn.data.imageproc import decode_image, image_size, train_transform
 from mtn.data.lanes import lower_bound, merge_lanes
-from mtn.data.shardio import ShardReader, expand_braces, list_shards
-from mtn.data.tinyshards import write_tiny_shards
+from mtn.data.shardio import ShardReader, list_shards
 from mtn.errors import MTNError
 
-__all__ = ["STAT_KEYS", "ShardLoader", "ShardStream", "StreamConfig", "expand_braces", "list_shards", "make_loader",
-           "write_tiny_shards"]
+__all__ = ["STAT_KEYS", "ShardStream", "StreamConfig", "list_shards", "uncount", "worker_slot"]
 
 log = logging.getLogger("mtn.data")
 
@@ -76,7 +67,7 @@ class StreamConfig:
     prefetch_samples: int = 256  # raw samples each lane's reader thread reads ahead
     read_block_size: int = 8 << 20  # bytes per ranged GET on S3
     open_retries: int = 2  # transient errors opening a shard (missing/forbidden ones fail at once)
-    jpeg_draft: bool = True  # decode JPEGs at the smallest DCT scale still >= resolution (2-5x faster)
+    jpeg_draft: bool = True  # decode JPEGs at the smallest DCT scale still >= resolution (faster: BENCHMARKS.md)
     # shards a lane may lose (unreadable, or cut short: an S3 outage, a broken upload) before the run fails rather
     # than train on less data than planned; a fraction of the lane's shards (1.0: never fail, only count)
     max_skipped_shard_fraction: float = 0.05
@@ -94,9 +85,16 @@ class _Raw:
     caption: str
 
 
-def _worker() -> tuple[int, int]:
+def worker_slot() -> tuple[int, int]:
+    """(this DataLoader worker's id, number of workers); (0, 1) outside a worker."""
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def uncount(counts: dict, n: int) -> None:
+    """Move `n` samples of a batch consumed before the resume point from "samples" to "resume_skipped"."""
+    counts["samples"] -= n
+    counts["resume_skipped"] += n
 
 
 def _reason(e: Exception) -> str:
@@ -117,7 +115,7 @@ class ShardStream(IterableDataset):
     """Samples {"pixel_values": float32 [3, R, R] in [-1, 1], "caption", "key", "shard"} of this rank's share of
     one epoch (see the module docstring for order, resume and splitting). Iterated directly (or by a DataLoader
     with num_workers <= 1) it yields every sample, full batches in canonical order then the lanes' partial
-    tails; use make_loader() for batches, exact resume with workers, and stats in the main process."""
+    tails; use mtn.data.loader.make_loader() for batches, exact resume with workers, and stats in the main process."""
 
     def __init__(self, shards: list[str], cfg: StreamConfig | None = None, rank: int = 0, world_size: int = 1,
                  epoch: int = 0, skip_batches: int = 0, batch_size: int = 1):
@@ -265,8 +263,9 @@ class ShardStream(IterableDataset):
             self._counts["dropped_tail"] += len(cur)
         yield {"kind": "end", "lane": lane, "n": r, "tail": [self._sample(*x) for x in cur] if keep_tail else []}
 
-    def _produce(self, lanes, n_lanes: int, k: int, keep_tail: bool):
-        """This process's lanes, one event per lane in turn (lane order, rounds)."""
+    def events(self, lanes, n_lanes: int, k: int, keep_tail: bool):
+        """The given lanes' events (see _lane_events), one per lane in turn (lane order, rounds); what a
+        ShardStream iteration and mtn.data.loader's workers consume."""
         gens = [self._lane_events(lane, n_lanes, lower_bound(k, lane, n_lanes), keep_tail) for lane in lanes]
         while gens:
             for g in list(gens):
@@ -275,19 +274,15 @@ class ShardStream(IterableDataset):
                 if event["kind"] == "end":
                     gens.remove(g)
 
-    def _discard(self, counts: dict, n: int) -> None:
-        counts["samples"] -= n
-        counts["resume_skipped"] += n
-
     def __iter__(self):
-        wid, workers = _worker()
+        wid, workers = worker_slot()
         n_lanes = self.cfg.lanes or workers
         lanes = range(wid, n_lanes, workers)
         tails: list[dict] = []
         if workers > 1:  # a plain DataLoader with workers: each worker its lanes, no cross-worker merge
             if self.skip_batches:
-                raise MTNError("exact mid-epoch resume with DataLoader workers needs make_loader(stream, ...)")
-            for event in self._produce(lanes, n_lanes, 0, keep_tail=True):
+                raise MTNError("exact mid-epoch resume with DataLoader workers needs mtn.data.loader.make_loader(stream, ...)")
+            for event in self.events(lanes, n_lanes, 0, keep_tail=True):
                 if event["kind"] == "batch":
                     yield from event["samples"]
                 else:
@@ -299,115 +294,8 @@ class ShardStream(IterableDataset):
             if event["kind"] == "end":
                 tails.extend(event["tail"])
 
-        events = self._produce(lanes, n_lanes, self.skip_batches, keep_tail=True)
+        events = self.events(lanes, n_lanes, self.skip_batches, keep_tail=True)
         for _, event in merge_lanes(events, n_lanes, self.skip_batches, pulled,
-                                    lambda e: self._discard(self._counts, len(e["samples"]))):
+                                    lambda e: uncount(self._counts, len(e["samples"]))):
             yield from event["samples"]
         yield from tails
-
-
-def _collate(samples: list[dict]) -> dict:
-    pixels = [x["pixel_values"] for x in samples]  # B x [3, R, R]
-    out = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype)  # [B, 3, R, R]
-    if get_worker_info() is not None:
-        out.share_memory_()  # filled in place: the DataLoader then sends it without another copy
-    return {"pixel_values": torch.stack(pixels, out=out),  # [B, 3, R, R]
-            "captions": [x["caption"] for x in samples], "keys": [x["key"] for x in samples],
-            "shards": [x["shard"] for x in samples]}
-
-
-class _BatchDataset(IterableDataset):
-    """What DataLoader workers run for ShardLoader: collated lane batches + lane ends (with the partial tail
-    batch unless drop_last), each with stats deltas."""
-
-    def __init__(self, stream: ShardStream, drop_last: bool = True):
-        self.stream, self.drop_last = stream, drop_last
-
-    def __iter__(self):
-        s = self.stream
-        wid, workers = _worker()
-        n_lanes = s.cfg.lanes or workers
-        prev = s.stats()
-        try:
-            for event in s._produce(range(wid, n_lanes, workers), n_lanes, s.skip_batches, keep_tail=not self.drop_last):
-                now = s.stats()
-                delta, prev = {k: now[k] - prev[k] for k in STAT_KEYS}, now
-                if event["kind"] == "end":
-                    tail = _collate(event["tail"]) if event["tail"] else None
-                    yield {"kind": "end", "lane": event["lane"], "n": event["n"], "stats": delta, "tail": tail}
-                else:
-                    yield {"kind": "batch", "lane": event["lane"], "r": event["r"], "stats": delta,
-                           **_collate(event["samples"])}
-        except MTNError as e:  # sent as an item: raised in a DataLoader worker it would reach the user with a traceback
-            yield {"kind": "error", "message": str(e)}
-
-
-class ShardLoader(DataLoader):
-    """A DataLoader over a ShardStream yielding {"pixel_values": [B, 3, R, R], "captions", "keys", "shards",
-    "stats": deltas, "batch_index": position in this rank's epoch} in canonical order whatever the worker timing.
-    drop_last (default): full batches only, each lane dropping its < B leftover samples (counted as
-    dropped_tail). drop_last=False: the lanes' partial batches follow at the end (one-pass jobs such as latent
-    precomputation; skip_batches only counts full batches)."""
-
-    def __init__(self, stream: ShardStream, num_workers: int = 2, prefetch_factor: int = 4, pin_memory: bool = False,
-                 multiprocessing_context=None, drop_last: bool = True):
-        self.stream, self.keep_tails = stream, not drop_last
-        self.n_lanes = stream.cfg.lanes or max(1, num_workers)
-        self.totals = dict.fromkeys(STAT_KEYS, 0)
-        super().__init__(_BatchDataset(stream, drop_last), batch_size=None, num_workers=num_workers,
-                         prefetch_factor=prefetch_factor if num_workers > 0 else None, pin_memory=pin_memory,
-                         persistent_workers=False, multiprocessing_context=multiprocessing_context)
-
-    def __iter__(self):
-        s = self.stream
-        self.totals = dict.fromkeys(STAT_KEYS, 0)
-        pending = dict.fromkeys(STAT_KEYS, 0)
-        tails: list[tuple[int, dict]] = []
-
-        def pulled(item):
-            if item["kind"] == "error":
-                raise MTNError(item["message"])
-            for key, v in item["stats"].items():
-                self.totals[key] += v
-                pending[key] += v
-            if item["kind"] == "end" and item.get("tail"):
-                tails.append((item["lane"], item["tail"]))
-
-        def discarded(item):
-            for counts in (self.totals, pending):
-                s._discard(counts, len(item["keys"]))
-
-        def out(pos, item):
-            stats = dict(pending)
-            pending.update(dict.fromkeys(STAT_KEYS, 0))
-            return {"pixel_values": item["pixel_values"], "captions": item["captions"], "keys": item["keys"],
-                    "shards": item["shards"], "stats": stats, "batch_index": pos}
-
-        held, nxt = None, s.skip_batches  # one batch of look-ahead: the last one carries the counts after it
-        for pos, item in merge_lanes(super().__iter__(), self.n_lanes, s.skip_batches, pulled, discarded):
-            if held is not None:
-                yield out(*held)
-            held, nxt = (pos, item), pos + 1
-        for _, tail in sorted(tails, key=lambda t: t[0]) if self.keep_tails else []:
-            if held is not None:
-                yield out(*held)
-            held, nxt = (nxt, tail), nxt + 1
-        if held is not None:
-            yield out(*held)
-
-
-def make_loader(stream: ShardStream, batch_size: int, num_workers: int = 2, prefetch_factor: int = 4,
-                pin_memory: bool | None = None, multiprocessing_context=None, drop_last: bool = True) -> ShardLoader:
-    """Batches of `batch_size` from `stream` (see ShardLoader). DataLoader workers each run their lanes with a
-    read-ahead thread per lane; `prefetch_factor` batches per worker wait ready. Not persistent: build one per
-    epoch (new ShardStream or set_epoch). pin_memory defaults to CUDA being available. A stream built with the
-    default batch_size=1 and no skip takes `batch_size` from here."""
-    if batch_size != stream.batch_size:
-        if stream.skip_batches:
-            raise MTNError(f"make_loader batch_size {batch_size} != the stream's {stream.batch_size}: skip_batches "
-                           "counts the stream's batches")
-        stream.batch_size = batch_size
-    if num_workers < 0:
-        raise MTNError(f"num_workers must be >= 0, got {num_workers}")
-    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return ShardLoader(stream, num_workers, prefetch_factor, pin, multiprocessing_context, drop_last)

@@ -5,7 +5,7 @@
 distilled into CLIP's embedding space (M-CLIP / sentence-transformers "clip-ViT-B-32-multilingual-v1" style).
 
 Nothing here downloads: models come from local folders, or ``tiny:*`` specs that build seeded toy models
-(``mtn.eval.tiny_clip``; for tests and the local default job, their scores measure plumbing, not quality).
+(``mtn.tiny.clip``; for tests and the local default job, their scores measure plumbing, not quality).
 
 Compatibility notes (transformers 5, torchmetrics 1.9):
 - ``CLIPModel.get_*_features`` return a ``BaseModelOutputWithPooling`` (projected embeds in ``pooler_output``), and
@@ -20,23 +20,17 @@ Compatibility notes (transformers 5, torchmetrics 1.9):
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtn.errors import MTNError
-from mtn.eval.tiny_clip import build_tiny_clip, build_tiny_mclip
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-TINY_CLIP_SPEC = "tiny:clip-vit"
-TINY_MCLIP_SPEC = "tiny:mclip"
+TINY_PREFIX = "tiny:"  # tiny:clip-vit, tiny:mclip: seeded toy models from mtn.tiny.clip
 PROJECTION_FILE = "projection.safetensors"
 MCLIP_META_FILE = "mclip.json"  # {"pooling": "mean"|"cls"} next to projection.safetensors
 _POOLINGS = ("mean", "cls")
@@ -64,21 +58,6 @@ def _features(out: Any) -> torch.Tensor:
     raise MTNError(f"cannot read CLIP features from a {type(out).__name__}")
 
 
-def _atomic_build(target: Path, build) -> Path:
-    """``build(tmp_dir)`` then rename into place, so a concurrent or interrupted build never leaves a half folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():  # lost a race only if the winner's folder is complete
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _pairs(images: list, texts: list[str]) -> None:
     if len(images) != len(texts):
         raise MTNError(f"need one caption per image, got {len(images)} images and {len(texts)} captions")
@@ -91,18 +70,17 @@ def _pairs(images: list, texts: list[str]) -> None:
 
 def resolve_clip(spec: str, cache_dir: str | Path) -> str:
     """``"tiny:clip-vit"`` -> built once under ``cache_dir``; a local folder with config.json -> itself."""
-    if spec == TINY_CLIP_SPEC:
-        target = Path(cache_dir) / "tiny-clip-vit"
-        if not (target / "config.json").is_file():
-            _atomic_build(target, build_tiny_clip)
-        return str(target)
+    if spec.startswith(TINY_PREFIX):
+        from mtn.tiny.clip import tiny_clip_folder  # offline stand-in, imported only when asked for
+
+        return tiny_clip_folder(spec, cache_dir)
     folder = Path(spec).expanduser()
     if (folder / "config.json").is_file():
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
         if model_type not in (None, "clip"):
             raise MTNError(f"CLIP model folder {folder} holds a {model_type!r} model, expected a CLIPModel ('clip')")
         return str(folder)
-    raise MTNError(f"CLIP model {spec!r} is neither {TINY_CLIP_SPEC!r} nor a local folder with a config.json; "
+    raise MTNError(f"CLIP model {spec!r} is neither 'tiny:clip-vit' nor a local folder with a config.json; "
                    + _NO_DOWNLOAD.format(hint="openai/clip-vit-large-patch14"))
 
 
@@ -357,17 +335,14 @@ def _read_linear(file: Path, weight_key: str, bias_key: str):
 
 def resolve_mclip(spec: str, cache_dir: str | Path, clip_path: str | Path) -> str:
     """``"tiny:mclip"`` -> built once under ``cache_dir`` for the CLIP at ``clip_path``; or a local folder."""
-    if spec == TINY_MCLIP_SPEC:
-        # The toy projection is fitted to one CLIP model: one cached folder per CLIP folder.
-        key = hashlib.sha1(str(Path(clip_path).resolve()).encode()).hexdigest()[:10]
-        target = Path(cache_dir) / f"tiny-mclip-{key}"
-        if not (target / PROJECTION_FILE).is_file():
-            _atomic_build(target, lambda tmp: build_tiny_mclip(tmp, clip_path))
-        return str(target)
+    if spec.startswith(TINY_PREFIX):
+        from mtn.tiny.clip import tiny_mclip_folder  # offline stand-in, imported only when asked for
+
+        return tiny_mclip_folder(spec, cache_dir, clip_path)
     folder = Path(spec).expanduser()
     if folder.is_dir() and ((folder / PROJECTION_FILE).is_file() or (folder / "modules.json").is_file()):
         return str(folder)
-    raise MTNError(f"multilingual CLIP text encoder {spec!r} is neither {TINY_MCLIP_SPEC!r} nor a local folder with "
+    raise MTNError(f"multilingual CLIP text encoder {spec!r} is neither 'tiny:mclip' nor a local folder with "
                    f"{PROJECTION_FILE} or a sentence-transformers modules.json; "
                    + _NO_DOWNLOAD.format(hint="sentence-transformers/clip-ViT-B-32-multilingual-v1"))
 

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from mtn.config import SHARED_DATA, Floats, RunConfig, Strs
 
-from mtn.config import REPO_ROOT, comma_list
-from mtn.errors import MTNError
-
-TINY_PIPELINE = "tiny:sd"  # mtn.pipeline.build_tiny_sd_pipeline: the UNet whose text encoder is tiny:clip
+TINY_PIPELINE = "tiny:sd"  # mtn.tiny.sd.build_tiny_sd_pipeline: the UNet whose text encoder is tiny:clip
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(RunConfig):
     name: str = "mtn-eval-local"
     output_dir: str = "outputs/eval-local"
-    data_root: str = "${MTN_SHARED_DATA:-" + str(REPO_ROOT.parent / "shared" / "data") + "}"
+    data_root: str = "${MTN_SHARED_DATA:-" + SHARED_DATA + "}"
     translator: str = "outputs/local/translator"  # folder, s3://, runs:/..., models:/name/version
     train_if_missing: bool = False  # the default translator only: run `python jobs/train_mtn.py` first if absent
     source_encoder: str | None = None  # a local mirror of the translator's recorded source LM
     target_encoder: str | None = None  # a local mirror of its recorded target encoder (alignment needs it)
     device: str = "cpu"
     # --- alignment: per language, a parallel test set ({lang} is replaced by each language)
-    languages: str = "en,de"
+    languages: Strs = ["en", "de"]
     align_source_file: str = "{data_root}/multi30k/test_2016_flickr.{lang}.gz"
     align_target_file: str = "{data_root}/multi30k/test_2016_flickr.en.gz"
     align_feature_cache: str | None = None  # a jobs/extract_features.py cache per language instead of the text
@@ -34,7 +29,7 @@ class EvalConfig:
     prompts: str = "{data_root}/prompts/PartiPrompts.tsv"  # .txt/.gz (one per line), PartiPrompts .tsv, COCO json
     prompts_reference: str | None = None  # parallel English prompts (CLIP score, native FID) when prompts are not
     max_prompts: int = 16
-    guidance_scales: str = "1.5,5,7.5"  # the paper's
+    guidance_scales: Floats = [1.5, 5.0, 7.5]  # the paper's
     scheduler: str = "default"  # default | ddim | pndm | plms | dpm
     steps: int = 25
     height: int | None = None  # None: the pipeline's default
@@ -46,32 +41,19 @@ class EvalConfig:
     fid_reference: str | None = "native"  # native (the pipeline's own encoder) | image folder | .npz stats | null
     fid_features: str = "inception"  # inception:/path/pt_inception-2015-12-05-6726825d.pth | inception | tiny
     # --- tracking
-    mlflow_tracking_uri: str | None = None  # default: sqlite in output_dir
     mlflow_experiment: str = "mtn-eval"
 
-    def __post_init__(self):
-        checks = [(self.max_align_samples >= 2, "max_align_samples must be >= 2"),
-                  (self.max_prompts >= 1 and self.batch_size >= 1 and self.steps >= 1,
-                   "max_prompts, batch_size and steps must be >= 1"),
-                  (self.tsne_samples >= 2, "tsne_samples must be >= 2"),
-                  (bool(self.language_list), "languages needs at least one language"),
-                  (bool(self.guidance_list), "guidance_scales needs at least one value")]
-        for ok, msg in checks:
-            if not ok:
-                raise MTNError(f"config: {msg}")
-        if self.fid_reference and self.fid_reference != "native" and not self.fid_features:
-            raise MTNError("config: fid_reference needs fid_features")
-
-    @property
-    def language_list(self) -> list[str]:
-        return comma_list(self.languages)
-
-    @property
-    def guidance_list(self) -> list[float]:
-        return comma_list(self.guidance_scales, float)
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [
+            (self.max_align_samples >= 2, "max_align_samples must be >= 2"),
+            (self.max_prompts >= 1 and self.batch_size >= 1 and self.steps >= 1,
+             "max_prompts, batch_size and steps must be >= 1"),
+            (self.tsne_samples >= 2, "tsne_samples must be >= 2"),
+            (bool(self.languages), "languages needs at least one language"),
+            (bool(self.guidance_scales), "guidance_scales needs at least one value"),
+            (not self.fid_reference or self.fid_reference == "native" or bool(self.fid_features),
+             "fid_reference needs fid_features"),
+        ]
 
     def for_lang(self, template: str | None, lang: str) -> str | None:
         return None if template is None else template.replace("{lang}", lang)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

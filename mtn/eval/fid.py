@@ -5,7 +5,8 @@ Feature extractors (``build_feature_extractor``):
 * ``"inception:/path/pt_inception-2015-12-05-6726825d.pth"``: pytorch-fid's FID Inception-v3 with its weights --
   the only setting whose values are comparable to published FIDs;
 * ``"inception"``: the same network, randomly initialised (seeded): exercises the pipeline, values meaningless;
-* ``"tiny"``: a small seeded conv net with 64-d features, fast on CPU, for tests and smoke runs.
+* ``"tiny"``: a small seeded conv net with 64-d features (``mtn.tiny.fid``), fast on CPU, for tests and smoke
+  runs.
 
 Reference sets are image folders, lists of PIL images, or pytorch-fid ``.npz`` stats files (keys ``mu``,
 ``sigma``), so stats of a large reference folder can be computed once with ``reference_stats`` + ``save_stats``.
@@ -39,37 +40,12 @@ EXTRACTOR_SPECS = ('"inception:/path/to/pt_inception-2015-12-05-6726825d.pth" (r
 Images = Sequence[Image.Image] | torch.Tensor
 
 
-class TinyFeatureNet(nn.Module):
-    """A small seeded conv net: [N, 3, H, W] in [0, 1] (any size) -> [N, 64]. Not a perceptual metric."""
-
-    dim = 64
-    input_size = (64, 64)
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's global RNG
-            torch.manual_seed(seed)
-            self.net = nn.Sequential(
-                nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.GELU(),
-                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
-                nn.Conv2d(32, self.dim, 3, stride=2, padding=1), nn.GELU(),
-                nn.AdaptiveAvgPool2d(1),
-            )
-            for m in self.net:
-                if isinstance(m, nn.Conv2d):
-                    # He init: PyTorch's default shrinks activations per layer, leaving features that barely vary
-                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # [C_out, C_in, 3, 3]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a fixed working size makes features independent of the input resolution, like Inception's 299x299
-        x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)  # [N, 3, 64, 64]
-        return torch.flatten(self.net(2 * x - 1), 1)  # [N, 64]
-
-
 def build_feature_extractor(spec: str, seed: int = 0) -> nn.Module:
     """An eval-mode feature extractor with attributes ``dim``, ``description`` and ``pretrained`` (see module doc)."""
     kind, _, arg = spec.partition(":")
     if kind == "tiny" and not arg:
+        from mtn.tiny.fid import TinyFeatureNet  # offline stand-in, imported only when asked for
+
         model = TinyFeatureNet(seed)
         model.description = "tiny seeded conv net: smoke value only"
         model.pretrained = False

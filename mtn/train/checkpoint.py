@@ -1,19 +1,18 @@
-"""Pieces both Ray Train jobs share: checkpoint/report through Ray Train, resume, publish, LR schedules, the trainer.
+"""Checkpoints of both Ray Train jobs: report through Ray Train, staging, restore, and the final checkpoint's publish.
 
 Checkpoints: every rank writes its DeepSpeed shard (and any per-rank files) into one temporary folder under
 `checkpoint_staging_dir` (default: the system temp dir) and calls `ray.train.report(checkpoint=...)`; Ray merges the
 ranks' folders under `storage_path` (local, NFS or s3://). Rank 0 adds the loop state (`train_state.json`), which
 records the run's config. `load_checkpoint` is the resume path, after a worker failure (`FailureConfig(max_failures)`)
-or a re-run with the same `name` + `storage_path`; before that, `fit` checks the config against the checkpoint's
-(mtn/train/resume.py). `final_state` publishes the final checkpoint's artifacts to output_dir (mtn/publish.py).
+or a re-run with the same `name` + `storage_path`; before that, `fit` (mtn/train/fit.py) checks the config against
+the checkpoint's (mtn/train/resume.py). `checkpoint_or_stop` is the loops' periodic or preemption checkpoint.
+`final_state` publishes the final checkpoint's artifacts to output_dir (mtn/publish.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import re
 import shutil
 import tempfile
@@ -50,6 +49,19 @@ def report(engine, state: dict, metrics: dict, rank: int, extra: Callable[[Path]
 
     with staged_checkpoint(engine, state, rank, extra) as tmp:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def checkpoint_or_stop(engine, state: dict, metrics: dict, rank: int, stop, every: int,
+                       extra: Callable[[Path], None] | None = None) -> bool:
+    """The loop's checkpoint at state["step"]: every `every` steps, or now when a stop was requested (`stop`: a
+    mtn.train.preemption.StopSignal; every rank calls this at every step, since its check is collective);
+    -> True when the loop must end (a stop, checkpointed)."""
+    if not (stop.check() or state["step"] % every == 0):
+        return False
+    report(engine, state, metrics, rank, extra)
+    if stop.stopping and rank == 0:
+        print(f"stop requested: checkpoint saved at step {state['step']}", flush=True)
+    return stop.stopping
 
 
 @contextlib.contextmanager
@@ -151,88 +163,3 @@ def final_state(result, output_dir: str, required: str, names: tuple[str, ...]) 
         state = json.loads((d / STATE_FILE).read_text())
         meta = {"step": state["step"], "checkpoint": result.checkpoint.path}
         return {**state, "published": publish(d, output_dir, names, meta)}
-
-
-def print_summary(job: str, summary: dict, metrics: dict, footer: tuple[str, ...] = ()) -> None:
-    lines = ["", f"== {job} finished =="] + [f"  {k:28s} {v}" for k, v in summary.items()]
-    lines += [f"  {k:28s} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)] + list(footer)
-    # sys.stdout, not print: Ray's progress-bar manager patches print() to redraw bars around each line
-    import sys
-
-    sys.stdout.write("\n".join(lines) + "\n")
-    sys.stdout.flush()
-
-
-def lr_factor(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float = 0.01) -> Callable[[int], float]:
-    """Multiplier of each param group's own lr at a step: linear warmup, then constant or cosine to min_ratio."""
-    warmup = max(warmup_steps, 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def fit(train_loop, cfg, env: dict | None = None, callbacks: list | None = None,
-        on_ray_ready: Callable[[], None] | None = None):
-    """Run `train_loop(cfg.to_dict())` on cfg.num_workers Ray Train workers; -> the Ray Train Result.
-    cfg needs: name, storage_path, num_workers, use_gpu, cpus_per_worker, gpus_per_worker, max_failures,
-    num_checkpoints_to_keep, ray_address, resume, max_steps. First, before Ray starts, the run's latest checkpoint
-    is checked against cfg (mtn/train/resume.py). An MTNError raised in a worker comes back as MTNError (one line)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mtn.train.resume import check_resume
-
-    check_resume(cfg)
-    env = {**({"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}), **(env or {})}
-    started_here = not ray.is_initialized()
-    if started_here:
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        local = {} if address else {"num_cpus": max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker)}
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, **local)
-    if on_ray_ready is not None:  # e.g. mtn.train.preemption re-installs its SIGTERM handler over ray.init's
-        on_ray_ready()
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
-                             callbacks=callbacks),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # ray.train.TrainingFailedError: a worker's MTNError is a user error, said in one line
-        message = worker_user_error(e)
-        if message is None:
-            raise
-        raise MTNError(f"a training worker stopped: {message}") from None
-    finally:
-        if started_here:
-            ray.shutdown()  # stops the workers' progress-bar forwarding before the summary prints
-    return result
-
-
-def worker_user_error(error: BaseException) -> str | None:
-    """The message of an MTNError behind a Ray Train failure (WorkerGroupError.worker_failures hold the workers'
-    exceptions, wrapped with their traceback text), or None."""
-    failures = list(getattr(error, "worker_failures", {}).values())
-    failures += [getattr(error, "controller_failure", None)]
-    for failure in failures:
-        seen = 0
-        while failure is not None and seen < 10:
-            failure = getattr(failure, "_base_exc", failure)  # ray's UserExceptionWithTraceback
-            if isinstance(failure, MTNError):
-                return str(failure)
-            failure, seen = failure.__cause__ or failure.__context__, seen + 1
-    return None

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "amp-bf16", "bf16", "fp16")
+from mtn.config import PRECISIONS  # noqa: F401 (the option values live with the config)
 
 
 @functools.cache
@@ -56,8 +56,23 @@ def autocast(precision: str, device_type: str = "cpu"):
 
 
 def input_dtype(precision: str) -> torch.dtype:
-    """The dtype features are fed in: the weights' dtype (DeepSpeed bf16/fp16 casts them), fp32 otherwise."""
+    """The dtype of the weights DeepSpeed trains (it casts them for bf16/fp16), and so of the inputs fed to them;
+    fp32 otherwise (amp-bf16 included: autocast casts inside the forward)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def deepspeed_precision(precision: str) -> dict:
+    """The DeepSpeed config blocks for a resolved precision. DeepSpeed's low-precision weights only for bf16/fp16;
+    amp-bf16 keeps fp32 weights and optimizer and runs the forward under torch.autocast, entered by the engine itself
+    (an autocast around engine() is switched off)."""
+    return {
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # gradients stay fp32 in the all-reduce too (no module is marked lower-precision-safe): DeepSpeed's bf16 comm
+        # buckets mixed with fp32 ones crashed a resumed ZeRO-2 run over gloo (tests/test_train_job.py)
+        "torch_autocast": {"enabled": precision == "amp-bf16", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
+    }
 
 
 def describe(device_type: str = "cpu") -> str:

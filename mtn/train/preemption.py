@@ -59,7 +59,8 @@ def raise_flag(run_name: str, wait_s: float = 60.0) -> None:
 
 
 class StopOnSigterm:
-    """Driver side, around `fit`: SIGTERM raises the stop flag instead of killing the process.
+    """Driver side, around `fit` (as mtn.train.fit.fit_or_preempt does): SIGTERM raises the stop flag instead of
+    killing the process.
 
         stop = StopOnSigterm(cfg.name, cfg.stop_timeout_s)
         with stop:

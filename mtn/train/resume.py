@@ -24,26 +24,25 @@ RESUME_MODES = ("auto", "never", "force")
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints (ray 2.60)
 STATE_FILE = "train_state.json"
 
-# The keys that may differ between a checkpoint and the run resuming it: none of them changes what is trained.
-# Everything else (model, data, losses, optimiser, precision, seed, num_workers, ...) must match.
-RESUMABLE = {
-    "max_steps": "extends the run (a cosine schedule is re-stretched to the new end); below the checkpoint: refused",
-    "log_every": "logging frequency", "val_every": "validation frequency",
-    "checkpoint_every": "checkpoint frequency", "num_checkpoints_to_keep": "checkpoint retention",
-    "max_failures": "restart budget", "stop_timeout_s": "preemption grace", "ray_address": "where the cluster is",
-    "cpus_per_worker": "resources per worker", "gpus_per_worker": "resources per worker",
-    "loader_workers": "DataLoader processes per worker (the data order does not depend on them)",
-    "checkpoint_staging_dir": "where checkpoints are staged", "resume": "this switch",
-    "name": "the run's name", "storage_path": "where checkpoints live", "output_dir": "where outputs are published",
-    "mlflow_tracking_uri": "tracking", "mlflow_experiment": "tracking", "mlflow_parent_run_id": "tracking",
-    "register_model": "what happens after training",
-    "val_prompts": "the logged validation grid only", "val_steps": "the logged validation grid only",
-    "val_guidance_scale": "the logged validation grid only", "val_seed": "the logged validation grid only",
-    # knobs of the other jobs sharing these configs (feature extraction, latent precomputation)
-    "extract_workers": "another job", "extract_batch_size": "another job", "extract_shard_rows": "another job",
-    "extract_gpus_per_worker": "another job", "precompute_workers": "another job",
-    "precompute_gpus_per_worker": "another job",
+# The keys that may differ between a checkpoint and the run resuming it, grouped by why: none of them changes what
+# is trained. Everything else (model, data, losses, optimiser, precision, seed, num_workers, ...) must match.
+RESUMABLE_BECAUSE = {
+    "it extends the run (a cosine schedule is re-stretched to the new end); below the checkpoint: refused":
+        ("max_steps",),
+    "how often it logs, validates and checkpoints, and how many checkpoints it keeps":
+        ("log_every", "val_every", "checkpoint_every", "num_checkpoints_to_keep"),
+    "where and on what it runs (the data order does not depend on the DataLoader processes)":
+        ("ray_address", "cpus_per_worker", "gpus_per_worker", "loader_workers", "checkpoint_staging_dir"),
+    "how it handles failures and preemption": ("max_failures", "stop_timeout_s", "resume"),
+    "the run's name and where its checkpoints and outputs go": ("name", "storage_path", "output_dir"),
+    "tracking, and what happens after training":
+        ("mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id", "register_model"),
+    "the logged validation grid only": ("val_prompts", "val_steps", "val_guidance_scale", "val_seed"),
+    "knobs of the other jobs sharing these configs (feature extraction, latent precomputation)":
+        ("extract_workers", "extract_batch_size", "extract_shard_rows", "extract_gpus_per_worker",
+         "precompute_workers", "precompute_gpus_per_worker"),
 }
+RESUMABLE = {key: why for why, keys in RESUMABLE_BECAUSE.items() for key in keys}
 
 
 def changed_keys(saved: dict, current: dict) -> dict[str, tuple]:

@@ -67,6 +67,12 @@ matchExpressions:
     values: [ray-head, ray-worker]
 {{- end }}
 
+{{/* Labels of the `helm test` Pod (the NetworkPolicy admits it to the Serve port by them). */}}
+{{- define "mtn-serve.helmTestLabels" -}}
+{{ include "mtn-serve.selectorLabels" . }}
+app.kubernetes.io/component: helm-test
+{{- end }}
+
 {{/* Image reference: repository[:tag][@digest]; an empty tag is refused unless a digest pins the image. */}}
 {{- define "mtn-serve.image" -}}
 {{- $img := .Values.image }}
@@ -161,7 +167,8 @@ option here would override that */}}
   "num_replicas" $v.serveIngress.replicas
   "max_ongoing_requests" $v.serveIngress.maxOngoingRequests
   "ray_actor_options" (dict "num_cpus" $v.serveIngress.numCpus) }}
-{{- $app := dict "name" "mtn" "route_prefix" "/" "import_path" "serve.app:build_app" "args" $args "deployments" (list $gen $ingress) }}
+{{- $logging := dict "encoding" $v.logging.encoding "log_level" $v.logging.logLevel "enable_access_log" $v.logging.enableAccessLog }}
+{{- $app := dict "name" "mtn" "route_prefix" "/" "import_path" "serve.app:build_app" "args" $args "deployments" (list $gen $ingress) "logging_config" $logging }}
 {{- /* http_options: the proxy's, read when Serve starts on a new cluster (not changed on a running one) */}}
 {{- $http := dict "request_timeout_s" $v.httpOptions.requestTimeoutS }}
 {{- toYaml (dict "http_options" $http "applications" (list $app)) }}
@@ -215,6 +222,9 @@ admission.maxQueuedRequests queued at its handle (serve/app.py build_app); it ne
 {{- if and $route (ne $route "native") (not (hasKey $translators $route)) }}
 {{- fail (printf "%s=%q is neither \"native\" nor a key of translators (%s)" $key $route (keys $translators | sortAlpha | join ", ")) }}
 {{- end }}
+{{- end }}
+{{- if and .Values.metrics.podMonitor.enabled .Values.networkPolicy.enabled (not .Values.networkPolicy.metrics.from) }}
+{{- fail "metrics.podMonitor.enabled needs networkPolicy.metrics.from (e.g. the Prometheus namespace): the NetworkPolicy would drop Prometheus's scrapes of port 8080" }}
 {{- end }}
 {{- if and .Values.ingress.enabled .Values.ingress.tls.enabled (not .Values.ingress.host) }}
 {{- fail "ingress.tls.enabled needs ingress.host" }}
@@ -306,8 +316,8 @@ containers:
   - name: {{ printf "ray-%s" .kind }}
     image: {{ include "mtn-serve.image" $root }}
     imagePullPolicy: {{ $v.image.pullPolicy }}
-    {{- if eq .kind "head" }}
     ports:
+      {{- if eq .kind "head" }}
       - name: gcs-server
         containerPort: 6379
       - name: dashboard
@@ -316,7 +326,10 @@ containers:
         containerPort: 10001
       - name: serve
         containerPort: 8000
-    {{- end }}
+      {{- end }}
+      # Ray's Prometheus metrics (KubeRay starts every node with --metrics-export-port=8080); the PodMonitor's port
+      - name: metrics
+        containerPort: 8080
     {{- with (include "mtn-serve.env" $root) }}
     env:
       {{- . | nindent 6 }}

@@ -1,4 +1,5 @@
-"""write_tiny_shards: a deterministic toy LAION-like dataset in img2dataset's webdataset layout (local or s3://)."""
+"""Toy LAION-like webdataset shards in img2dataset's layout (local or s3://): painted images, template captions,
+and on request corrupt images and missing captions, to exercise mtn.data.shards offline."""
 
 from __future__ import annotations
 
@@ -9,9 +10,48 @@ import random
 import tarfile
 from pathlib import Path
 
-from mtn.data.imageproc import encode_image, paint_image
+from PIL import Image, ImageDraw, ImageOps
+
 from mtn.data.shardio import filesystem
 from mtn.errors import MTNError
+from mtn.tiny.captions import generate_captions
+
+
+def paint_image(rng: random.Random, width: int, height: int, noise: float = 0.0) -> Image.Image:
+    """A random-ish picture: a two-colour gradient background with 1-3 filled shapes; `noise` > 0 adds grain
+    (sigma in grey levels) so JPEGs get photo-like sizes (benchmarks)."""
+
+    def colour():
+        return tuple(rng.randrange(256) for _ in range(3))
+
+    ramp = Image.linear_gradient("L").rotate(rng.choice([0, 90, 180, 270])).resize((width, height))  # 256x256 -> WxH
+    img = ImageOps.colorize(ramp, colour(), colour()).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 3)):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1, y1 = x0 + rng.randint(width // 8, width // 2), y0 + rng.randint(height // 8, height // 2)
+        kind = rng.choice(["ellipse", "rectangle", "triangle"])
+        if kind == "ellipse":
+            draw.ellipse((x0, y0, x1, y1), fill=colour())
+        elif kind == "rectangle":
+            draw.rectangle((x0, y0, x1, y1), fill=colour())
+        else:
+            draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=colour())
+    if noise > 0:
+        grain = Image.effect_noise((width, height), noise).convert("RGB")  # mean 128
+        img = Image.blend(img, grain, 0.25)
+    return img
+
+
+def encode_image(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt in ("jpg", "jpeg"):
+        img.save(buf, format="JPEG", quality=90)
+    elif fmt == "webp":
+        img.save(buf, format="WEBP", quality=90)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _spread(n: int, total: int, shift: int, taken: set[int]) -> set[int]:
@@ -31,8 +71,6 @@ def write_tiny_shards(out_dir: str | Path, num_shards: int = 4, per_shard: int =
     painted shapes (shorter side `size`, aspect up to 3:2 either way) and template captions. `corrupt` images are
     garbage bytes or valid headers cut short, `missing_caption` samples have no .txt; both spread over the
     shards. Deterministic in `seed`; `out_dir` may be local or s3://. Returns the shard URLs."""
-    from mtn.tiny import generate_captions
-
     total = num_shards * per_shard
     if num_shards < 1 or per_shard < 1 or size < 8:
         raise MTNError("write_tiny_shards needs num_shards >= 1, per_shard >= 1, size >= 8")
