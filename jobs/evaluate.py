@@ -15,7 +15,6 @@ image folder or precomputed .npz statistics. Everything is logged to one MLflow 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+from mtn.cli import job_parser
 from mtn.config import load_config
 from mtn.errors import MTNError
 from mtn.eval.config import EvalConfig
@@ -231,11 +231,9 @@ def run_metrics(cfg: EvalConfig, translator, out: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation YAML (default: %(default)s)")
+    p = job_parser(__doc__, DEFAULT_CONFIG, "evaluation YAML", "max_prompts=4")
     p.add_argument("--compare", nargs="+", metavar="RUN_ID", help="print the runs' metrics side by side and exit")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for --compare (default: the config's)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, cls=EvalConfig).resolve_paths()

@@ -16,7 +16,6 @@ matches but whose shards fail their checksums is re-extracted. Then train with t
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtn.config import TrainConfig, load_config
+from mtn.cli import job_parser
+from mtn.config import load_config
 from mtn.data import config_files, config_pairs
 from mtn.data.features import (
     check_cache,
@@ -38,6 +38,7 @@ from mtn.data.features import (
 )
 from mtn.errors import MTNError
 from mtn.train.cluster import init_ray, local_cpus
+from mtn.train_config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 SORT_WINDOW = 16  # encoder batches per actor call, each side sorted by token count within it
@@ -121,7 +122,7 @@ def encode_and_write(cfg: TrainConfig, pairs: list[tuple[str, str]], url: str, g
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.verbose_progress = False
     # length-sorted: each encoder batch pads to its longest caption, so neighbours of equal length waste no compute
-    # (2-3x over corpus order on captions). Each actor call takes SORT_WINDOW encoder batches and sorts each side
+    # (BENCHMARKS.md: the gain over corpus order). Each actor call takes SORT_WINDOW encoder batches and sorts each side
     # on its own within them (EncodePairs.encode_sorted); rows carry their corpus index, shards are re-ordered on load
     order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), len(pairs[i][1])))
     items = [{"index": i, "source": pairs[i][0], "target": pairs[i][1]} for i in order]
@@ -160,9 +161,7 @@ def up_to_date(url: str, record: dict, cfg: TrainConfig) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. feature_cache=s3://b/f")
+    p = job_parser(__doc__, DEFAULT_CONFIG, example="feature_cache=s3://b/f")
     p.add_argument("--force", action="store_true", help="re-extract even when a cache already matches the config")
     args = p.parse_args(argv)
     try:

@@ -15,7 +15,6 @@ fixed-seed validation grid to MLflow, and saves the final pipeline (EMA weights 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -27,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtn.cli import job_parser
 from mtn.config import load_config
 from mtn.diffusion import diffusion_loss, drop_captions, sample_noise
-from mtn.errors import MTNError
 from mtn.finetune import (
     FinetuneModule,
     conditioning,
@@ -43,9 +42,9 @@ from mtn.finetune import (
 from mtn.finetune_config import FinetuneConfig
 from mtn.train.checkpoint import final_state, load_checkpoint, report
 from mtn.train.deepspeed import initialize_engine
-from mtn.train.fit import fit_or_preempt, print_summary
+from mtn.train.fit import exit_code, fit_or_preempt, print_summary
 from mtn.train.precision import input_dtype
-from mtn.train.preemption import EXIT_CODE, Preempted, StopSignal
+from mtn.train.preemption import StopSignal
 from mtn.train.tracking import RunTracker, upload_outputs
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune_local.yaml"
@@ -370,24 +369,16 @@ def publish(cfg: FinetuneConfig, result) -> dict | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=10")
-    args = p.parse_args(argv)
-    try:
-        cfg = prepare(load_config(args.config, args.overrides, cls=FinetuneConfig))
-        result = fit_or_preempt(train_loop_per_worker, cfg)
-    except MTNError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:
-        print(str(e), file=sys.stderr, flush=True)
-        return EXIT_CODE
-    try:
-        summary = publish(cfg, result)  # the final checkpoint is saved and published before anything goes to MLflow
-    except MTNError as e:  # e.g. the storage failed mid-publish: the previous output stays, a re-run publishes
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = job_parser(__doc__, DEFAULT_CONFIG).parse_args(argv)
+    return exit_code(lambda: drive(args.config, args.overrides))
+
+
+def drive(config, overrides) -> int:
+    cfg = prepare(load_config(config, overrides, cls=FinetuneConfig))
+    result = fit_or_preempt(train_loop_per_worker, cfg)
+    # the final checkpoint is saved and published before anything goes to MLflow; a failed publish (the storage
+    # failed mid-way) is an MTNError: the previous output stays, a re-run publishes
+    summary = publish(cfg, result)
     if summary:
         model = {"pipeline": summary["pipeline"], **({"translator": summary["translator"]} if cfg.translator else {})}
         upload_outputs(cfg.mlflow_tracking_uri, summary["mlflow_run_id"], {}, model, cfg.register_model,

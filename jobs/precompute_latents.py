@@ -13,12 +13,12 @@ finetune_unet refuses latents made for another pipeline, translator, resolution 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
+from mtn.cli import job_parser
 from mtn.config import load_config
 from mtn.data.latents import write_file, write_latents_manifest
 from mtn.errors import MTNError
@@ -96,10 +96,7 @@ def run(cfg: FinetuneConfig, out: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="finetune YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. precomputed=s3://b/l")
-    args = p.parse_args(argv)
+    args = job_parser(__doc__, DEFAULT_CONFIG, "finetune YAML config", "precomputed=s3://b/l").parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
         out = cfg.precomputed or f"{cfg.output_dir}/latents"

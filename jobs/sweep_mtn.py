@@ -14,11 +14,11 @@ fatal. Re-running the same command after the driver died resumes the sweep (Tune
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
+from mtn.cli import job_parser
 from mtn.config import REPO_ROOT, load_config
 from mtn.errors import MTNError
 from mtn.sweep import SweepConfig, best_row, needs_own_features, plot_metric_vs_lr, results_table, search_space
@@ -67,8 +67,8 @@ def trial(config: dict, bases: dict[str, dict], parent_run_id: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mtn.config import TrainConfig
     from mtn.train.fit import fit
+    from mtn.train_config import TrainConfig
 
     job = train_job()
     params = {k: v for k, v in config.items() if k != "variant"}
@@ -145,10 +145,7 @@ def final_translator(trial_dir: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- driver
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep YAML (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = job_parser(__doc__, DEFAULT_CONFIG, "sweep YAML", "num_samples=8").parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, cls=SweepConfig).resolve_paths()
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ every `val_every` steps (token MSE, pooled cosine, R@1/R@5), checkpoints through
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -25,7 +24,8 @@ from pathlib import Path
 import torch
 
 from mtn.baselines import fit_baseline, linear_margin
-from mtn.config import TrainConfig, load_config
+from mtn.cli import job_parser
+from mtn.config import load_config
 from mtn.data import config_files, config_pairs
 from mtn.data.corpus import batch_indices
 from mtn.data.features import check_cache, encode_rows, expected_record, load_features, read_feature_manifest
@@ -36,10 +36,11 @@ from mtn.metrics import alignment_metrics, target_ids
 from mtn.model import ModelTranslationNetwork, TokenDiscriminator
 from mtn.train.checkpoint import checkpoint_or_stop, final_state, load_checkpoint, report
 from mtn.train.deepspeed import initialize_engine
-from mtn.train.fit import fit_or_preempt, print_summary
+from mtn.train.fit import exit_code, fit_or_preempt, print_summary
 from mtn.train.precision import describe, input_dtype, resolve_precision
-from mtn.train.preemption import EXIT_CODE, Preempted, StopSignal
+from mtn.train.preemption import StopSignal
 from mtn.train.tracking import RunTracker, save_loss_curve, upload_outputs
+from mtn.train_config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 
@@ -305,23 +306,16 @@ def train_loop_per_worker(config: dict):
 
 # ----------------------------------------------------------------------------------------------- driver
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=10")
-    args = p.parse_args(argv)
-    try:
-        cfg = prepare_config(args.config, args.overrides)
-        train, val = config_pairs(cfg)  # fail fast on bad data, before Ray starts
-        if cfg.feature_cache:
-            check_feature_caches(cfg, train, val)
-        result = run(cfg)
-    except MTNError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:
-        print(str(e), file=sys.stderr, flush=True)
-        return EXIT_CODE
-    return 0 if result else 1
+    args = job_parser(__doc__, DEFAULT_CONFIG).parse_args(argv)
+    return exit_code(lambda: drive(args.config, args.overrides))
+
+
+def drive(config, overrides) -> int:
+    cfg = prepare_config(config, overrides)
+    train, val = config_pairs(cfg)  # fail fast on bad data, before Ray starts
+    if cfg.feature_cache:
+        check_feature_caches(cfg, train, val)
+    return 0 if run(cfg) else 1
 
 
 def check_feature_caches(cfg: TrainConfig, train: list, val: list) -> None:

@@ -18,6 +18,17 @@ import importlib.util
 import sys
 from pathlib import Path
 
+
+def job_parser(doc: str | None, default_config, what: str = "YAML config",
+               example: str = "max_steps=10") -> argparse.ArgumentParser:
+    """What every job's command line takes: `--config FILE` (default: the job's own config) and `key=value`
+    overrides; a job adds its own flags to the parser it gets."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(default_config), help=f"{what} (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+    return p
+
+
 # command -> (module whose main(argv) runs it, its default config under jobs/configs (None: serve), one line of help)
 COMMANDS = {
     "train": ("jobs.train_mtn", "local.yaml", "train a translator (MTN) on Ray Train + DeepSpeed"),
@@ -30,7 +41,7 @@ COMMANDS = {
 }
 # command -> (module, class) of its config
 CONFIG_CLASSES = {
-    "train": ("mtn.config", "TrainConfig"), "extract": ("mtn.config", "TrainConfig"),
+    "train": ("mtn.train_config", "TrainConfig"), "extract": ("mtn.train_config", "TrainConfig"),
     "sweep": ("mtn.sweep", "SweepConfig"), "evaluate": ("mtn.eval.config", "EvalConfig"),
     "finetune": ("mtn.finetune_config", "FinetuneConfig"), "precompute": ("mtn.finetune_config", "FinetuneConfig"),
 }

@@ -9,8 +9,8 @@ String values may use `${ENV:-default}` (environment) and `{field}` (another con
 and every validation error is ONE line (an MTNError naming the key), never a pydantic traceback.
 
 Classes: `Config` (the loader's base), `RunConfig` (a job with an output folder and MLflow: path resolution and
-the MLflow default, once), `JobConfig` (what both Ray Train jobs share), `TrainConfig` (jobs/train_mtn.py,
-jobs/extract_features.py). FinetuneConfig, EvalConfig, SweepConfig and the service's AppArgs use the same loader.
+the MLflow default, once), mtn.train.config.JobConfig (what both Ray Train jobs share). TrainConfig (mtn/train_config.py: jobs/train_mtn.py,
+jobs/extract_features.py), FinetuneConfig, EvalConfig, SweepConfig and the service's AppArgs use the same loader.
 """
 
 from __future__ import annotations
@@ -115,157 +115,6 @@ class RunConfig(Config):
         self.mlflow_tracking_uri = (self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                     or f"sqlite:///{self.output_dir}/mlflow.db")
         return self
-
-
-class JobConfig(RunConfig):
-    """What both Ray Train jobs share (jobs/train_mtn.py, jobs/finetune_unet.py). batch_size is GLOBAL."""
-
-    PATH_KEYS: ClassVar[tuple[str, ...]] = ("output_dir", "storage_path")
-    ALLOWED_PRECISIONS: ClassVar[tuple[str, ...]] = PRECISIONS
-
-    seed: int = 0
-    # --- optimisation
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine (after linear warmup)
-    lr_min_ratio: float = 0.01  # cosine ends at lr * lr_min_ratio
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    batch_size: int = 32
-    max_steps: int = 200
-    # --- logging / validation / checkpoints
-    log_every: int = 10  # train metrics to MLflow every N steps (val steps always)
-    val_every: int = 50
-    checkpoint_every: int = 50
-    num_checkpoints_to_keep: int = 2
-    # a re-run with the same name + storage_path: auto (resume if the config matches the checkpoint's, else refuse
-    # naming the changed keys) | never (delete the run's checkpoints, start at step 0) | force (resume anyway);
-    # the keys that may change without refusing: mtn/train/resume.py RESUMABLE
-    resume: str = "auto"
-    checkpoint_staging_dir: str | None = None  # where ranks write a checkpoint before Ray stores it (free space is
-    #                                            checked first): an absolute path on the worker nodes;
-    #                                            None: the system temp dir ($TMPDIR or /tmp)
-    # --- distributed (Ray Train + DeepSpeed)
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 1.0
-    zero_stage: int = 0  # 0-3
-    offload_optimizer: bool = False
-    precision: str = "fp32"  # mtn/train/precision.py
-    max_failures: int = 0
-    storage_path: str = "{output_dir}/ray_results"  # local path or s3://
-    ray_address: str | None = None  # None: $RAY_ADDRESS or a local cluster
-    stop_timeout_s: float = 300.0  # after SIGTERM: time to checkpoint at a step boundary before exiting
-    #                               without one (mtn/train/preemption.py); a second SIGTERM exits at once
-
-    def checks(self) -> list[tuple[bool, str]]:
-        return super().checks() + [
-            (self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}"),
-            (self.precision in self.ALLOWED_PRECISIONS,
-             f"precision must be {'|'.join(self.ALLOWED_PRECISIONS)}, got {self.precision!r}"),
-            (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant|cosine, got {self.lr_schedule!r}"),
-            (self.num_workers >= 1, "num_workers must be >= 1"),
-            (self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (min(self.val_every, self.checkpoint_every, self.log_every) >= 1,
-             "val_every, checkpoint_every and log_every must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio must be in [0, 1]"),
-            (self.resume in ("auto", "never", "force"), f"resume must be auto|never|force, got {self.resume!r}"),
-        ]
-
-
-class TrainConfig(JobConfig):
-    PATH_KEYS: ClassVar[tuple[str, ...]] = ("output_dir", "storage_path", "feature_cache", "val_feature_cache")
-
-    name: str = "mtn-local"
-    output_dir: str = "outputs/local"  # final translator goes to {output_dir}/translator
-    # --- encoders: hub id, local path, or tiny:<t5|clip|bert|xlmr>
-    source_encoder: str = "tiny:t5"
-    source_subfolder: str | None = None
-    source_max_length: int = 32
-    source_prefix: str = ""
-    target_encoder: str = "tiny:clip"
-    target_subfolder: str | None = None
-    target_max_length: int = 77
-    target_prefix: str = ""
-    encoder_dtype: str = "float32"
-    bundle_source_encoder: bool = False  # copy the source LM into the translator folder
-    # --- data: `corpus` (monolingual, same sentence to both encoders) or source_file + target_file (parallel)
-    corpus: str | None = None  # a path, s3:// URI, or generated:<N> (N template captions)
-    source_file: str | None = None
-    target_file: str | None = None
-    val_source_file: str | None = None  # explicit held-out split; else val_fraction of the training data
-    val_target_file: str | None = None
-    val_fraction: float = 0.05
-    max_val_samples: int = 1000
-    max_train_samples: int | None = None
-    source_lang: str = ""  # used by path templates ({source_lang}); "all" = every language in `languages`
-    languages: Strs = []  # what source_lang=all stands for: *_file paths become one file per language
-    language_mix: str = "interleave"  # source_lang=all training pairs: interleave (each caption in every language)
-    #                                   | rotate (caption i in language i mod k: each caption once); val: always all
-    # --- feature cache (jobs/extract_features.py writes it; train_mtn reads it and then never loads the encoders)
-    feature_cache: str | None = None  # features of the training pairs: local folder or s3://
-    val_feature_cache: str | None = None  # features of the val pairs (val_*_file, or the val split)
-    feature_dtype: str = "float16"  # float16 | bfloat16
-    extract_workers: int = 2  # Ray Data encoder actors
-    extract_batch_size: int = 64
-    extract_shard_rows: int = 2048
-    extract_gpus_per_worker: float = 0.0
-    cache_target_padding: bool = True  # keep target features at padded positions (mse_on_mask=false needs them;
-    #                                    false zero-pads them: ~2x faster extraction on short captions, smaller files)
-    data_root: str = "${MTN_SHARED_DATA:-" + SHARED_DATA + "}"
-    # --- model: the MTN, or a baseline fitted in closed form (mtn/baselines.py) for comparison
-    method: str = "mtn"  # mtn | linear | pooled_linear
-    ridge_alpha: float = 1e-3  # L2 of the linear baselines, relative to the mean feature energy (diag of X^T X)
-    compare_linear: bool = True  # also fit the linear map on the training data and report the MTN's margin
-    baseline_samples: int = 4096  # without a feature cache, fit it on this many encoded training pairs
-    mtn_size: str = "mtn-3rm"
-    num_modules: int | None = None  # overrides the named size
-    hidden_dim: int | None = None
-    dropout: float = 0.0
-    block_layout: str = "gluegen"  # gluegen (the paper's residual modules) | mixer (pre-LN mixer blocks; mtn/model.py)
-    decoder_modules: int | None = None  # N's modules/blocks (default: as M)
-    standardize: bool = False  # per-channel source/target standardisation; losses in standardised units
-    target_stats: bool = False  # M outputs shift + scale * body with per-position target statistics
-    linear_skip: bool = False  # M = ridge-fitted linear map + gated mixer body (starts at the linear baseline)
-    disc_hidden_dim: int = 256
-    # --- losses (0 switches a term off; see mtn/losses.py for the defaults' reasons)
-    loss_mse: float = 1.0
-    loss_adv: float = 0.0
-    loss_rec: float = 0.1
-    loss_cycle: float = 0.1
-    mse_on_mask: bool = False
-    # --- tracking
-    mlflow_parent_run_id: str | None = None  # set by jobs/sweep_mtn.py: this run is nested under the sweep's run
-
-    def checks(self) -> list[tuple[bool, str]]:
-        losses = (self.loss_mse, self.loss_adv, self.loss_rec, self.loss_cycle)
-        return super().checks() + [
-            (self.batch_size >= self.num_workers, f"batch_size ({self.batch_size}) is global and must be >= "
-                                                   f"num_workers ({self.num_workers})"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (self.block_layout in ("gluegen", "mixer"), f"block_layout must be gluegen|mixer, got {self.block_layout!r}"),
-            (self.language_mix in ("interleave", "rotate"),
-             f"language_mix must be interleave|rotate, got {self.language_mix!r}"),
-            (self.method in ("mtn", "linear", "pooled_linear"),
-             f"method must be mtn|linear|pooled_linear, got {self.method!r}"),
-            (self.feature_dtype in ("float16", "bfloat16"), f"feature_dtype must be float16|bfloat16, "
-                                                             f"got {self.feature_dtype!r}"),
-            (min(self.extract_workers, self.extract_batch_size, self.extract_shard_rows) >= 1,
-             "extract_workers, extract_batch_size and extract_shard_rows must be >= 1"),
-            (self.ridge_alpha >= 0, "ridge_alpha must be >= 0"),
-            (min(losses) >= 0, "loss weights must be >= 0"),
-            (max(losses) > 0, "all loss weights are 0"),
-            (bool(self.corpus) != bool(self.source_file or self.target_file),
-             "give either `corpus` (monolingual) or `source_file` + `target_file` (parallel), not both/neither"),
-            (bool(self.source_file) == bool(self.target_file), "parallel data needs both source_file and target_file"),
-        ]
-
-    @property
-    def loss_weights(self) -> dict:
-        return {"mse": self.loss_mse, "adv": self.loss_adv, "rec": self.loss_rec, "cycle": self.loss_cycle}
 
 
 # ----------------------------------------------------------------------------------------------- templates
@@ -426,7 +275,9 @@ def validate(cls: type[BaseModel], data: dict):
         raise MTNError(one_line(e, cls)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls=TrainConfig):
-    """YAML + overrides -> `cls` (TrainConfig by default; FinetuneConfig, EvalConfig, SweepConfig ...)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls=None):
+    """YAML + overrides -> `cls` (mtn.train_config.TrainConfig by default; FinetuneConfig, EvalConfig, ...)."""
+    if cls is None:
+        from mtn.train_config import TrainConfig as cls
     raw = read_yaml(path) if path is not None else {}
     return validate(cls, expand_env(apply_overrides(raw, overrides)))

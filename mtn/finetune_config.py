@@ -1,11 +1,12 @@
 """FinetuneConfig: the UNet finetune job's config (jobs/finetune_unet.py, jobs/precompute_latents.py); the shared
-Ray Train fields and checks come from mtn.config.JobConfig, the loader is mtn.config.load_config."""
+Ray Train fields and checks come from mtn.train.config.JobConfig, the loader is mtn.config.load_config."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from mtn.config import JobConfig, Prompts
+from mtn.config import Prompts
+from mtn.train.config import JobConfig
 
 
 class FinetuneConfig(JobConfig):

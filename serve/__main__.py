@@ -6,8 +6,8 @@
     MTN_API_KEYS=k1,k2 python -m serve                # /v1/* then needs `Authorization: Bearer k1` (or k2)
     python -m serve --metrics-port 8080               # Prometheus metrics at http://127.0.0.1:8080/metrics
 
-The default translator is outputs/local/translator, trained by `python jobs/train_mtn.py` first when missing
-(about 2 minutes on 2 cores); the tiny pipeline is built from configs into outputs/serve/tiny-sd.
+The default translator is outputs/local/translator, trained by the train job first when missing
+(jobs/bootstrap.py; BENCHMARKS.md has its time); the tiny pipeline is built from configs into outputs/serve/tiny-sd.
 """
 
 from __future__ import annotations

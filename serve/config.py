@@ -84,7 +84,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # -- diffusers pipeline: local folder, hub id, or s3:// prefix holding a save_pretrained folder
     pipeline: str
-    # -- language code (ISO 639-1, e.g. "de") or "multi" -> translator URI: folder, s3:// prefix or models:/name/version
+    # -- language code (ISO 639-1, e.g. "de") or "multi" -> translator URI: folder, s3:// prefix, models:/name/version or
+    #    models:/name@alias (e.g. @champion: resolved to its version before caching)
     translators: dict[str, str] = Field(default_factory=dict)
     # -- route for English prompts: "native" (the pipeline's own text encoder) or a key of `translators`
     english_route: str = NATIVE

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from mtn.errors import MTNError
 
 NATIVE = "native"
-# Common prompt languages; routed languages are always added. Each one costs ~20 MB of n-gram models.
+# Common prompt languages; routed languages are always added. Each one costs n-gram model memory (BENCHMARKS.md).
 DEFAULT_CANDIDATES = ("en", "de", "fr", "es", "it", "pt", "nl", "cs", "pl", "ru", "uk", "zh", "ja", "ko",
                       "ar", "tr", "sv", "da", "fi", "el", "hi")
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -72,7 +72,7 @@ class LanguageRouter:
     # ------------------------------------------------------------------ detection
     @property
     def detector(self):
-        with self._lock:  # built on first use (~2 s, ~0.5 GB with the default candidates)
+        with self._lock:  # built on first use (time and memory: BENCHMARKS.md)
             if self._detector is None:
                 from lingua import LanguageDetectorBuilder
 

@@ -2,9 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from mtn.config import TrainConfig, load_config
+from mtn.config import load_config
 from mtn.errors import MTNError
 from mtn.finetune_config import FinetuneConfig
+from mtn.train_config import TrainConfig
 
 REPO = Path(__file__).parents[1]
 CONFIG_DIR = REPO / "jobs" / "configs"
@@ -103,9 +104,9 @@ def test_config_round_trips_through_to_dict_and_assignment():
 
 
 def test_job_configs_share_one_base_and_one_path_resolution(monkeypatch, tmp_path):
-    from mtn.config import JobConfig
     from mtn.eval.config import EvalConfig
     from mtn.sweep import SweepConfig
+    from mtn.train.config import JobConfig
 
     assert issubclass(TrainConfig, JobConfig) and issubclass(FinetuneConfig, JobConfig)
     assert FinetuneConfig(lr_schedule="cosine", lr_min_ratio=0.2).lr_min_ratio == 0.2  # the shared schedule's field

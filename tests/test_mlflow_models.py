@@ -61,6 +61,19 @@ def test_translator_model_logged_registered_promoted_and_loaded(store, tiny_serv
     assert (fetch_folder(f"runs:/{run_id}/translator", "translator.json", cache_dir=tmp_path / "cache")
             / "translator.json").read_text() == (folder / "translator.json").read_text()
 
+    # the service serves a route given as models:/x@champion: its core loads the promoted translator and generates
+    from serve.config import AppArgs
+    from serve.generator import GeneratorCore
+
+    core = GeneratorCore(AppArgs.model_validate({"pipeline": str(tiny_serving[0]), "device": "cpu",
+                                                 "translators": {"de": f"models:/x@{CHAMPION}"}}),
+                         cache_dir=str(tmp_path / "serve-cache"))
+    served = core.load_translator("de")
+    np.testing.assert_allclose(served.encode(PROMPTS).numpy(), want, rtol=1e-5, atol=1e-6)
+    (out,) = core.run([(served, {"prompt": PROMPTS[0], "negative_prompt": "", "num_inference_steps": 1,
+                                 "guidance_scale": 5.0, "width": 32, "height": 32, "seed": 0, "num_images": 1})])
+    assert len(out["images"]) == 1
+
 
 def test_finetuned_pipeline_model_gives_the_images_of_generate(store, tiny_serving, tmp_path):
     import mlflow

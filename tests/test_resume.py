@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtn.config import TrainConfig
 from mtn.errors import MTNError
 from mtn.finetune_config import FinetuneConfig
 from mtn.train import checkpoint as distributed
 from mtn.train import resume
+from mtn.train_config import TrainConfig
 
 
 def config(**kw) -> TrainConfig:

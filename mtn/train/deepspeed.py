@@ -22,7 +22,7 @@ def deepspeed_config(cfg, micro_batch: int, grad_accum: int = 1) -> dict:
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        # our torch AdamW under ZeRO (DeepSpeed calls it untested) and under offload (no cpu_adam build, ~50 s)
+        # our torch AdamW under ZeRO (DeepSpeed calls it untested) and under offload (no cpu_adam build: BENCHMARKS.md)
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         **deepspeed_precision(cfg.precision),

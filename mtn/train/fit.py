@@ -69,6 +69,21 @@ def fit_or_preempt(train_loop, cfg):
     return result
 
 
+def exit_code(drive: Callable[[], int]) -> int:
+    """A training driver's exit code: drive()'s own; 2 with one line for a user mistake (MTNError, also one raised
+    in a worker); 143 with "preempted at step N" after a SIGTERM (the same command resumes)."""
+    from mtn.train.preemption import EXIT_CODE, Preempted
+
+    try:
+        return drive()
+    except MTNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return EXIT_CODE
+
+
 def worker_user_error(error: BaseException) -> str | None:
     """The message of an MTNError behind a Ray Train failure (WorkerGroupError.worker_failures hold the workers'
     exceptions, wrapped with their traceback text), or None."""

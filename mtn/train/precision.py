@@ -1,9 +1,9 @@
 """Training precision. `auto` picks bf16 autocast where the hardware runs bf16 matmuls natively and fp32 elsewhere.
 
-The CPU behind a "2-core box" varies: with AVX512-BF16/AMX a bf16 matmul is ~3x faster than fp32, on an AVX2-only
-CPU it is emulated and measured 67x slower (../shared/STACK.md). `torch.backends.cpu.get_cpu_capability()` says
+The CPU behind a "2-core box" varies: with AVX512-BF16/AMX a bf16 matmul is faster than fp32, on an AVX2-only CPU
+it is emulated and much slower (figures: BENCHMARKS.md, ../shared/STACK.md). `torch.backends.cpu.get_cpu_capability()` says
 "AVX512" on both kinds of AVX512 CPU, so on the CPU the choice is made by timing one matmul of the MTN's shape in
-both dtypes (~50 ms, once per process); on CUDA it is `torch.cuda.is_bf16_supported()`.
+both dtypes (once per process); on CUDA it is `torch.cuda.is_bf16_supported()`.
 
 Precisions: fp32; amp-bf16 (fp32 weights and optimizer, bf16 compute under torch.autocast; evaluation in fp32);
 bf16 / fp16 (DeepSpeed's low-precision weights with fp32 master copies).
