@@ -55,8 +55,7 @@ def ray_cluster(_shared_ray):
     """One local Ray shared by the consecutive test modules that ask for it (per xdist worker), for tests that run
     jobs in-process (`train_mtn.main([...])`, `fit`) or deploy Serve apps: mtn.train.cluster.ray_session joins a
     running Ray and leaves it running, so each such job saves a Ray start-up (~5-10 s on 2 cores). 4 logical CPUs:
-    a 2-worker job (2 CPUs) beside a small Serve app; Ray oversubscribes the 2 cores rather than queueing. No GPU,
-    no dashboard.
+    a 2-worker job (2 CPUs) beside a small Serve app; Ray oversubscribes the 2 cores rather than queueing. No GPU.
 
     Ray workers get the environment this process had when the cluster started, plus their runtime_env: a variable a
     test sets later (monkeypatch.setenv, s3_endpoint's AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI) does not reach them.
@@ -68,7 +67,11 @@ def ray_cluster(_shared_ray):
     if not _shared_ray["up"]:
         saved = os.environ.pop("RAY_ADDRESS", None)  # a local cluster of the session's own, never a developer's
         try:
-            _shared_ray["up"] = init_ray(num_cpus=4, include_dashboard=False)
+            # with its own dashboard: Ray Train's placement-group cleaner asks the dashboard (the address in the
+            # cluster's KV) whether the run's controller lives; without one the KV still says 127.0.0.1:8265, which
+            # on a shared machine may be ANOTHER cluster's dashboard (an xdist neighbour's job): "controller not
+            # found" -> our placement group removed mid-run. With one, Ray binds a free port and records it.
+            _shared_ray["up"] = init_ray(num_cpus=4, include_dashboard=True)
         finally:
             if saved is not None:
                 os.environ["RAY_ADDRESS"] = saved
