@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtn.config import REPO_ROOT
+from mtn.config import IN_CHECKOUT, REPO_ROOT
 from mtn.errors import MTNError
 from mtn.translator import MANIFEST
 
-DEFAULT_OUTPUT = REPO_ROOT / "outputs" / "local"  # jobs/configs/local.yaml's output_dir, anchored at the checkout
+# jobs/configs/local.yaml's output_dir, anchored at the checkout (installed: at the working directory, never
+# inside site-packages)
+DEFAULT_OUTPUT = (REPO_ROOT if IN_CHECKOUT else Path.cwd()) / "outputs" / "local"
 DEFAULT_TRANSLATOR = DEFAULT_OUTPUT / "translator"
 
 

@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from mtn.config import IN_CHECKOUT, REPO_ROOT
+
+ROOT = REPO_ROOT if IN_CHECKOUT else Path.cwd()  # the demo's outputs/: the checkout, else the working directory
 
 
 def default_args(root: Path = ROOT) -> dict:
