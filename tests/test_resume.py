@@ -3,6 +3,7 @@
 tests/test_train_job.py check the same against real runs)."""
 
 import json
+import os
 from collections import namedtuple
 from pathlib import Path
 
@@ -125,13 +126,15 @@ def test_staging_dir_is_configurable_and_sizes_are_measured(tmp_path):
     assert distributed.estimate_checkpoint_bytes(engine, rank=0) == 16 * 1000  # fp32 weights + AdamW, 1 rank
     assert distributed.estimate_checkpoint_bytes(engine, rank=1) == 12 * 1000  # its optimizer shard only
     # what a rank killed mid-checkpoint left (its cleanup never ran); another rank's live folder is not touched
-    for leftover in ("mtn-ckpt-r-rank0-dead", "mtn-ckpt-r-rank1-live"):
+    # and a same-named run's rank 0 that still runs (another job with this name on this node) is not touched either
+    live = f"mtn-ckpt-r-rank0-{os.getpid()}-abc"
+    for leftover in ("mtn-ckpt-r-rank0-dead", "mtn-ckpt-r-rank0-999999999-x", "mtn-ckpt-r-rank1-live", live):
         (staging / leftover).mkdir(parents=True)
     with distributed.staged_checkpoint(engine, state, 0) as tmp:
         assert Path(tmp).parent == staging and (Path(tmp) / "deepspeed" / "shard.pt").is_file()
         saved = json.loads((Path(tmp) / distributed.STATE_FILE).read_text())
     assert not Path(tmp).exists()  # the staging folder is removed once Ray has it
-    assert [p.name for p in staging.iterdir()] == ["mtn-ckpt-r-rank1-live"]
+    assert sorted(p.name for p in staging.iterdir()) == sorted([live, "mtn-ckpt-r-rank1-live"])
     assert state["checkpoint_bytes"] == {"0": 5000} and saved["checkpoint_bytes"] == {"0": 5000}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -79,14 +80,15 @@ def staged_checkpoint(engine, state: dict, rank: int, extra: Callable[[Path], No
         raise MTNError(f"checkpoint_staging_dir {staging} cannot be created: {e}") from None
     run = re.sub(r"[^\w.-]", "_", config.get("name", "run"))
     prefix = f"mtn-ckpt-{run}-rank{rank}-"
-    for leftover in staging.glob(f"{prefix}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in staging.glob(f"{prefix}*"):  # only a dead process's: another run of the same name may share it
+        if not _pid_alive(leftover.name[len(prefix):].split("-")[0]):
+            shutil.rmtree(leftover, ignore_errors=True)
     sizes = state.setdefault("checkpoint_bytes", {})
     own = int(sizes.get(str(rank)) or estimate_checkpoint_bytes(engine, rank))
     free = shutil.disk_usage(staging).free  # before the all-gather: no rank of this checkpoint has written yet
     need, ranks = node_need(staging, own, sizes)
     check_free_space(staging, free, need, ranks)
-    with tempfile.TemporaryDirectory(dir=staging, prefix=prefix) as tmp:
+    with tempfile.TemporaryDirectory(dir=staging, prefix=f"{prefix}{os.getpid()}-") as tmp:
         if engine is not None:
             engine.save_checkpoint(tmp, tag=DS_TAG)
         if extra is not None:
@@ -95,6 +97,19 @@ def staged_checkpoint(engine, state: dict, rank: int, extra: Callable[[Path], No
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
         yield tmp
+
+
+def _pid_alive(text: str) -> bool:
+    """Whether the process that staged a folder (its pid, from the folder name) still runs on this host."""
+    if not text.isdigit():
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def estimate_checkpoint_bytes(engine, rank: int) -> int:
