@@ -79,7 +79,7 @@ def test_train_rayjob():
     spec = job["spec"]
     assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     assert spec["entrypoint"].startswith("python jobs/train_mtn.py --config jobs/configs/multi30k.yaml ")
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 3600  # 1 h of logs
     assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
     (worker,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     pod = worker["template"]["spec"]

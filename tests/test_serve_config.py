@@ -31,7 +31,10 @@ def test_build_app_validates_before_any_replica():
 
     with pytest.raises(ValidationError, match="hybrid_route"):
         build_app({"pipeline": "x", "hybrid_route": "zz"})
-    assert build_app({"pipeline": "x"}) is not None
+    from ray.serve.deployment import Application
+
+    app = build_app({"pipeline": "x"})
+    assert isinstance(app, Application) and app._bound_deployment.name == "Ingress"  # the HTTP ingress, bound
 
 
 def test_python_m_serve_bad_config_is_one_line(tmp_path):
