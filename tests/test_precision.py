@@ -8,7 +8,7 @@ def test_auto_follows_the_measured_hardware_and_explicit_choices_stay():
     assert resolve_precision("auto") == ("amp-bf16" if bf16_is_fast("cpu") else "fp32")
     for p in ("fp32", "amp-bf16", "bf16", "fp16"):
         assert resolve_precision(p) == p
-    assert resolve_precision("auto", "meta") == "fp32"  # no measurement for devices it cannot time
+    assert resolve_precision("auto", "meta") == "fp32"  # no native bf16 assumed for devices it cannot probe
     assert describe("cpu").startswith("cpu, ") and describe("cpu").endswith("bf16")
 
 
@@ -32,3 +32,14 @@ def test_deepspeed_config_per_precision(precision, autocast_on, bf16_weights):
     assert ds["torch_autocast"]["enabled"] is autocast_on and ds["bf16"]["enabled"] is bf16_weights
     # gradients stay fp32 in the all-reduce under autocast (see mtn/train/precision.py)
     assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
+
+
+def test_auto_follows_the_cpu_flags_not_a_timing():
+    # the kernel's view of the CPU agrees with torch's probes: bf16 is "native" exactly with AVX512-BF16 or AMX-BF16
+    import pathlib
+
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("needs /proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split())
+    assert bf16_is_fast("cpu") == bool(flags & {"avx512_bf16", "amx_bf16"})
