@@ -60,9 +60,10 @@ def setup_engine(cfg: FinetuneConfig, pipe, translator):
     return initialize_engine(FinetuneModule(pipe.unet, mtn), groups, cfg, cfg.micro_batch, cfg.grad_accum)
 
 
-def open_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batches: int):
+def open_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batches: int, lanes: int = 1):
     """This rank's batches of one epoch, `skip_batches` in: dicts of precomputed latents + text features
-    (cfg.precomputed, mtn/data/latents.py) or of images + captions (webdataset shards, mtn/data/shards.py)."""
+    (cfg.precomputed, mtn/data/latents.py) or of images + captions (webdataset shards, mtn/data/shards.py, read as
+    `lanes` sub-streams whatever the number of loader processes)."""
     from mtn.data.loader import make_loader
     from mtn.data.shards import ShardStream, StreamConfig, list_shards
 
@@ -74,7 +75,7 @@ def open_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batch
     stream_cfg = StreamConfig(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                               shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                               min_caption_chars=cfg.min_caption_chars, min_image_size=cfg.min_image_size,
-                              max_skipped_shard_fraction=cfg.max_skipped_shard_fraction)
+                              max_skipped_shard_fraction=cfg.max_skipped_shard_fraction, lanes=lanes)
     stream = ShardStream(list_shards(cfg.train_shards), stream_cfg, rank=rank, world_size=world, epoch=epoch,
                          skip_batches=skip_batches, batch_size=cfg.micro_batch)
     return make_loader(stream, cfg.micro_batch, num_workers=cfg.loader_workers)
@@ -82,8 +83,10 @@ def open_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batch
 
 @dataclass
 class WorkerData:
-    """One rank's batches across epochs: its position (epoch, batches into it; checkpointed for an exact mid-epoch
-    resume), the time spent waiting for data, and the loader's skip counts summed over the run."""
+    """One rank's batches across epochs: its position (epoch, batches into it, and the lanes the epoch is read as;
+    checkpointed for an exact mid-epoch resume), the time spent waiting for data, and the loader's skip counts summed
+    over the run. The lanes fix the batch order, so a resume finishes its epoch with the saved ones and only the next
+    epoch takes a changed loader_workers."""
 
     cfg: FinetuneConfig
     rank: int
@@ -93,15 +96,21 @@ class WorkerData:
     wait_s: float = 0.0
     loader: object = None  # opened at the first batch, after a resume restored `pos`
 
+    def open(self):
+        if self.pos["batches"] == 0 or "lanes" not in self.pos:  # an epoch's start (or a checkpoint without lanes)
+            self.pos["lanes"] = max(1, self.cfg.loader_workers)
+        return iter(open_data(self.cfg, self.rank, self.world, self.pos["epoch"], self.pos["batches"],
+                              self.pos["lanes"]))
+
     def next(self) -> dict:
         t0 = time.perf_counter()
         if self.loader is None:
-            self.loader = iter(open_data(self.cfg, self.rank, self.world, self.pos["epoch"], self.pos["batches"]))
+            self.loader = self.open()
         try:
             batch = next(self.loader)
         except StopIteration:  # this rank's share of the epoch is done: the next epoch reshuffles shards
             self.pos.update(epoch=self.pos["epoch"] + 1, batches=0)
-            self.loader = iter(open_data(self.cfg, self.rank, self.world, self.pos["epoch"], 0))
+            self.loader = self.open()
             batch = next(self.loader)
         self.wait_s += time.perf_counter() - t0
         self.pos["batches"] += 1
@@ -143,7 +152,7 @@ def setup_worker(config: dict) -> Worker:
     ema = make_ema(engine.module.unet, cfg.ema_decay) if cfg.ema_decay and rank == 0 else None
     data = WorkerData(cfg, rank, world)
     state = load_checkpoint(engine, {"step": 0, "mlflow_run_id": None, "history": []},
-                            restore_extra(rank, data.pos, ema), config=config)
+                            restore_extra(rank, world, data.pos, ema), config=config)
     if rank == 0 and state["step"]:
         print(f"resuming from the checkpoint at step {state['step']} (epoch {data.pos['epoch']}, "
               f"{data.pos['batches']} batches into it)")
@@ -279,12 +288,17 @@ def checkpoint_extra(w: Worker, final: bool = False):
     return write
 
 
-def restore_extra(rank: int, data_pos: dict, ema):
+def restore_extra(rank: int, world: int, data_pos: dict, ema):
+    """-> read(checkpoint dir): this rank's data position (every rank reads all the saved ones: with another world
+    size they all move to the next epoch no old rank had started, mtn.data.shards.resume_position) and the EMA."""
+    from mtn.data.shards import resume_position
+
     def read(d: Path) -> None:
-        if (d / f"data_rank{rank}.json").is_file():
-            data_pos.update(json.loads((d / f"data_rank{rank}.json").read_text()))
-        else:  # another world size than the checkpoint's: positions do not map, restart the epoch
-            print(f"rank {rank}: no data position in the checkpoint (world size changed?); epoch restarts")
+        saved = {int(f.stem.removeprefix("data_rank")): json.loads(f.read_text()) for f in d.glob("data_rank*.json")}
+        pos, note = resume_position(saved, rank, world)
+        data_pos.update(pos)
+        if note and rank == 0:
+            print(note, flush=True)
         if ema is not None and (d / "ema.safetensors").is_file():
             load_ema(ema, d)
 

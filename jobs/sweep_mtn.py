@@ -187,8 +187,9 @@ def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
     margin = best.get("val/margin_token_mse_pct")
     mlflow.log_metrics({"best/" + k.replace("@", "_at_").removeprefix("val/"): v for k, v in best.items()
                         if k.startswith("val/") and isinstance(v, float)})
+    versus = f"{margin:+.2f}%" if margin is not None else "not measured (compare_linear=false)"
     print(f"best trial {best['trial']}: lr={best['lr']:.3g} num_modules={best['num_modules']} "
-          f"{cfg.metric}={best[cfg.metric]:.4f}, token MSE margin over the linear map {margin:+.2f}%")
+          f"{cfg.metric}={best[cfg.metric]:.4f}, token MSE margin over the linear map {versus}")
     if cfg.register_model and margin is not None and margin >= cfg.gate_margin_pct:
         # a pyfunc model of the sweep's run (its "Logged models"), registered and promoted: models:/<name>@champion
         info = log_translator(tracker.run_id, best["translator"], "best_translator", cfg.mlflow_tracking_uri)

@@ -27,19 +27,26 @@ def test_micro_rngs_are_reproducible_and_distinct_per_tuple():
 
 
 def test_worker_data_rolls_over_epochs_and_resumes_at_its_position(monkeypatch):
+    """The position carries the lanes its epoch is read as: a resume finishes the epoch with the saved lanes (the
+    batch order depends on them), and only the next epoch takes the changed loader_workers."""
+    from types import SimpleNamespace
+
     opened = []
 
-    def fake_open(cfg, rank, world, epoch, skip):  # 3 batches per epoch, each with loader stats
-        opened.append((epoch, skip))
+    def fake_open(cfg, rank, world, epoch, skip, lanes):  # 3 batches per epoch, each with loader stats
+        opened.append((epoch, skip, lanes))
         return iter([{"i": (epoch, b), "stats": {"skipped_corrupt": 1}} for b in range(skip, 3)])
 
     monkeypatch.setattr(finetune_unet, "open_data", fake_open)
-    data = WorkerData(cfg=None, rank=0, world=1)
-    data.pos.update(epoch=2, batches=1)  # as restored from a checkpoint
+    data = WorkerData(cfg=SimpleNamespace(loader_workers=4), rank=0, world=1)
+    data.pos.update(epoch=2, batches=1, lanes=2)  # as restored from a checkpoint written with loader_workers=2
     got = [data.next()["i"] for _ in range(4)]
     assert got == [(2, 1), (2, 2), (3, 0), (3, 1)]
-    assert opened == [(2, 1), (3, 0)] and data.pos == {"epoch": 3, "batches": 2}
+    assert opened == [(2, 1, 2), (3, 0, 4)] and data.pos == {"epoch": 3, "batches": 2, "lanes": 4}
     assert data.skipped == {"skipped_corrupt": 4}
+    fresh = WorkerData(cfg=SimpleNamespace(loader_workers=0), rank=0, world=1)
+    fresh.next()
+    assert opened[-1] == (0, 0, 1)  # no loader processes: one lane, read in the main process
 
 
 def fake_worker(train_mtn: bool, empty):

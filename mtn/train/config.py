@@ -8,6 +8,8 @@ from typing import ClassVar
 
 from mtn.config import PRECISIONS, RunConfig
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
+
 
 class JobConfig(RunConfig):
     """What both Ray Train jobs share (jobs/train_mtn.py, jobs/finetune_unet.py). batch_size is GLOBAL."""
@@ -42,6 +44,12 @@ class JobConfig(RunConfig):
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
+    # more Ray resources each worker needs, e.g. {A100: 1} to land only on nodes started with
+    # `ray start --resources='{"A100": 8}'` (KubeRay: rayStartParams.resources); {} asks for CPU/GPU only
+    worker_resources: dict[str, float] = {}
+    # how Ray places the workers' bundles on nodes: PACK (fewest nodes; default), SPREAD (as many nodes as it can),
+    # STRICT_PACK (one node or wait), STRICT_SPREAD (one worker per node or wait for nodes)
+    placement_strategy: str = "PACK"
     zero_stage: int = 0  # 0-3
     offload_optimizer: bool = False
     precision: str = "fp32"  # mtn/train/precision.py
@@ -58,6 +66,11 @@ class JobConfig(RunConfig):
              f"precision must be {'|'.join(self.ALLOWED_PRECISIONS)}, got {self.precision!r}"),
             (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant|cosine, got {self.lr_schedule!r}"),
             (self.num_workers >= 1, "num_workers must be >= 1"),
+            (self.placement_strategy in PLACEMENT_STRATEGIES,
+             f"placement_strategy must be {'|'.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}"),
+            (all(v > 0 for v in self.worker_resources.values()) and not {"CPU", "GPU"} & set(self.worker_resources),
+             f"worker_resources takes custom resources > 0 (CPU/GPU come from cpus_per_worker/gpus_per_worker), "
+             f"got {self.worker_resources}"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (min(self.val_every, self.checkpoint_every, self.log_every) >= 1,

@@ -21,14 +21,25 @@ def run_config(cfg, callbacks: list | None = None):
                      callbacks=callbacks, worker_runtime_env={"env_vars": worker_env(cfg.use_gpu)})
 
 
+def scaling_config(cfg):
+    """Ray Train's ScalingConfig for cfg: num_workers workers of cpus_per_worker CPUs (+ gpus_per_worker GPUs) and
+    worker_resources each, placed by placement_strategy."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
+                 **cfg.worker_resources}
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                         placement_strategy=cfg.placement_strategy)
+
+
 def fit(train_loop, cfg, callbacks: list | None = None, on_ray_ready: Callable[[], None] | None = None):
     """Run `train_loop(cfg.to_dict())` on cfg.num_workers Ray Train workers; -> the Ray Train Result.
-    cfg needs: name, storage_path, num_workers, use_gpu, cpus_per_worker, gpus_per_worker, max_failures,
+    cfg needs: name, storage_path, num_workers, use_gpu, cpus_per_worker, gpus_per_worker, worker_resources,
+    placement_strategy, max_failures,
     num_checkpoints_to_keep, ray_address, resume, max_steps. First, before Ray starts, the run's latest checkpoint
     is checked against cfg (mtn/train/resume.py). A running Ray (a sweep's, a test session's) is used as it is and
     left running; a Ray started here is shut down at the end. An MTNError raised in a worker comes back as MTNError
     (one line)."""
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mtn.train.resume import check_resume
@@ -38,12 +49,10 @@ def fit(train_loop, cfg, callbacks: list | None = None, on_ray_ready: Callable[[
                      log_to_driver=True):
         if on_ray_ready is not None:  # e.g. mtn.train.preemption re-installs its SIGTERM handler over ray.init's
             on_ray_ready()
-        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=cfg.to_dict(),
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=scaling_config(cfg),
             run_config=run_config(cfg, callbacks),
         )
         try:

@@ -10,7 +10,8 @@ compares. `resume` (one config field) says what a difference does:
     never  start at step 0: the run's checkpoints under <storage_path>/<name> are deleted first
     force  resume although keys changed (the new values apply from the checkpoint's step on); you answer for it
 
-A checkpoint past the new max_steps is refused in auto and force (training cannot go back).
+A checkpoint past the new max_steps is refused in auto and force (training cannot go back), and so is another
+num_workers under ZeRO >= 1 (DeepSpeed cannot re-partition the optimizer state for another world size).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ RESUMABLE_BECAUSE = {
     "how often it logs, validates and checkpoints, and how many checkpoints it keeps":
         ("log_every", "val_every", "checkpoint_every", "num_checkpoints_to_keep"),
     "where and on what it runs (the data order does not depend on the DataLoader processes)":
-        ("ray_address", "cpus_per_worker", "gpus_per_worker", "loader_workers", "checkpoint_staging_dir"),
+        ("ray_address", "cpus_per_worker", "gpus_per_worker", "worker_resources", "placement_strategy",
+         "loader_workers", "checkpoint_staging_dir"),
     "how it handles failures and preemption": ("max_failures", "stop_timeout_s", "resume"),
     "the run's name and where its checkpoints and outputs go": ("name", "storage_path", "output_dir"),
     "tracking, and what happens after training":
@@ -95,12 +97,20 @@ def check_resume(cfg) -> None:
     if not changes:
         return
     listed = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in changes.items())
+    zero = min(state["config"].get("zero_stage", 0), getattr(cfg, "zero_stage", 0))
+    if "num_workers" in changes and zero >= 1:  # DeepSpeed's load_checkpoint raises ZeRORuntimeException (0.19)
+        was = changes["num_workers"][0]
+        raise MTNError(f"{where} has a checkpoint (step {step}) whose ZeRO-{zero} optimizer state is partitioned over "
+                       f"num_workers={was}: DeepSpeed cannot load it on {cfg.num_workers} workers, even with "
+                       f"resume=force. Use num_workers={was}, another name=..., or resume=never (start over)")
     if cfg.resume == "force":
         print(f"resume=force: continuing {where} from step {step} with changed keys: {listed}")
         return
+    split = "; with another num_workers, finetune_unet skips the rest of the epoch and continues at the next one" \
+        if "num_workers" in changes else ""
     raise MTNError(f"{where} has a checkpoint (step {step}) made with another config: {listed}. Use the same "
                    "values, another name=..., resume=never (start over; deletes those checkpoints) or resume=force "
-                   "(continue with the new values)")
+                   f"(continue with the new values{split})")
 
 
 def delete_run(storage_path: str, name: str) -> None:
