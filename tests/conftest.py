@@ -114,10 +114,11 @@ def tiny_serving(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Test files run in this order: those using ray_cluster (consecutive, so one Ray serves them all), then the
+    """Test files run in this order: the multi-node one (its own 3-node cluster), those using ray_cluster (consecutive, so one Ray serves them all), then the
     other files holding slow tests, then the rest; collection order inside each part. Under xdist (`make test`:
     -n 2 --dist loadfile --no-loadscope-reorder) both workers so start on the long multi-process tests and the many
     short files fill the end, instead of one worker waiting on a last long file."""
+    multinode = {item.path for item in items if item.get_closest_marker("multinode")}  # the longest file: first
     shared = {item.path for item in items if "ray_cluster" in item.fixturenames}
     slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: (item.path not in shared, item.path not in slow))  # stable
+    items.sort(key=lambda item: (item.path not in multinode, item.path not in shared, item.path not in slow))
