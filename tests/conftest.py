@@ -6,20 +6,24 @@ include paths) then rebuild it in turn, each build holding a lock the other's jo
 makes it one build per venv. Set here, it reaches job subprocesses and Ray workers (they inherit this environment).
 """
 
+import atexit
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-# One Ray temp dir per xdist worker: a process that looks for "the" local cluster (address None/"auto": Ray Train's
-# placement-group cleaner, the state API) reads <RAY_TMPDIR>/ray/ray_current_cluster, which otherwise names the
-# cluster started last on the machine, i.e. the other worker's: its controller is then "not found" and our
-# placement group removed. Subprocess jobs and Ray's own processes inherit the variable.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"
-    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+# One Ray temp dir per test process (per xdist worker, per run): a process that looks for "the" local cluster
+# (address None/"auto": Ray Train's placement-group cleaner, the state API) reads <RAY_TMPDIR>/ray/ray_current_cluster,
+# which otherwise names the cluster started last on the machine: the other xdist worker's, another checkout's test
+# run, a developer's own Ray. Its controller is then "not found" and our placement group removed. Subprocess jobs and
+# Ray's own processes inherit the variable; the folder goes when the process ends.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))[:8]
+os.environ["RAY_TMPDIR"] = f"/tmp/ray-{_RUN}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ GPU); worker nodes carry {"A100": 2}, the stand-in for two GPUs the jobs ask for
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 
 ACCELERATOR = "A100"
@@ -26,8 +27,10 @@ class LocalCluster:
 
         self.cpus, self.per_node, self._ips = cpus, per_node, (f"127.0.0.{i}" for i in itertools.count(2))
         # a dashboard of its own: Ray Train's placement-group cleaner asks the cluster's dashboard whether the run's
-        # controller lives (tests/conftest.py, ray_cluster)
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+        # controller lives (tests/conftest.py, ray_cluster). On a free port: a Cluster head asks for 8265 and, unlike
+        # ray.init, does not move on when it is taken (CI: the other xdist worker's Ray held it)
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                                      "dashboard_port": free_port()})
         self.workers = [self.add_node() for _ in range(workers)]
         self.cluster.wait_for_nodes()
 
@@ -54,6 +57,13 @@ class LocalCluster:
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def node_ips() -> dict[str, str]:
