@@ -74,8 +74,9 @@ def test_world_size_change_check_catches_the_former_restore(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- resume_position
 def test_resume_position_same_world_is_exact():
-    saved = {0: {"epoch": 3, "batches": 17}, 1: {"epoch": 4, "batches": 2}}
-    assert resume_position(saved, 1, 2) == ({"epoch": 4, "batches": 2}, None)
+    saved = {0: {"epoch": 3, "batches": 17, "lanes": 2}, 1: {"epoch": 4, "batches": 2, "lanes": 2}}
+    # the lanes come back too: the rest of the epoch is read as the same lanes (their order fixes the batches)
+    assert resume_position(saved, 1, 2) == ({"epoch": 4, "batches": 2, "lanes": 2}, None)
 
 
 def test_resume_position_other_world_mid_epoch_moves_to_the_next_epoch():

@@ -140,14 +140,14 @@ def lane_shards(order: list[str], rank: int, world: int, lane: int, n_lanes: int
 
 
 def resume_position(saved: dict[int, dict], rank: int, world: int) -> tuple[dict, str | None]:
-    """This rank's data position {"epoch", "batches"} from the positions a checkpoint's ranks saved ({old rank:
+    """This rank's data position {"epoch", "batches"[, "lanes"]} from the positions a checkpoint's ranks saved ({old rank:
     position}) -> (position, a note to print, None when the resume is exact). Same world size: its own position.
     Another one: batch 0 of the first epoch no old rank had fed a batch of (module docstring, "World size")."""
     if not saved:
         return {"epoch": 0, "batches": 0}, "no data positions in the checkpoint: the data starts again at epoch 0"
     old = len(saved)
     if set(saved) == set(range(world)):
-        return {"epoch": saved[rank]["epoch"], "batches": saved[rank]["batches"]}, None
+        return dict(saved[rank]), None  # with the lanes its epoch is read as, when saved (jobs/finetune_unet.py)
     epoch = max(p["epoch"] + (p["batches"] > 0) for p in saved.values())
     started = sorted({p["epoch"] for p in saved.values() if p["batches"] > 0})
     if not started:
