@@ -177,6 +177,9 @@ def test_node_lost_mid_run_resumes_on_a_replacement_node(nodes, tmp_path):
     saved_after = checkpoint_steps(out / "ray_results" / name)
     assert set(saved_before) <= set(saved_after)  # no checkpoint lost with the node
     assert sorted(saved_after) == list(range(2, max_steps + 1, 2))  # every checkpoint, whole and registered once
+    # a folder the lost rank never reported (Ray Train leaves it) was removed at the end: no torn checkpoint is left
+    folders = {p.name for p in (out / "ray_results" / name).glob("checkpoint_*") if p.is_dir()}
+    assert len(folders) == len(saved_after), (folders, re.findall(r"removed \d+ checkpoint folder.*", log))
 
     import mlflow
 
@@ -194,7 +197,7 @@ def test_node_lost_mid_run_resumes_on_a_replacement_node(nodes, tmp_path):
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """The steps of the checkpoints Ray Train registered for a run (its checkpoint_manager_snapshot.json), each read
     from the checkpoint's own train_state.json. A folder a lost rank never reported (rank 0 wrote its part, the dead
-    rank did not) is never registered, so never resumed from: such a leftover is not counted here."""
+    rank did not) is never registered, so never resumed from (and mtn.train.fit removes it): not counted here."""
     from mtn.train.resume import SNAPSHOT, STATE_FILE
 
     snapshot = json.loads((run_dir / SNAPSHOT).read_text())

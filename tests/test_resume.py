@@ -164,3 +164,22 @@ def test_a_workers_mtn_error_reaches_the_driver_as_one_line():
     failure = WorkerGroupError("rank 1 failed", {1: wrapped})
     assert worker_user_error(failure) == "checkpoint staging: /tmp has 0.10 GiB free"
     assert worker_user_error(WorkerGroupError("x", {0: RuntimeError("bug")})) is None
+
+
+def test_unregistered_checkpoint_folders_are_removed_registered_ones_kept(run, capsys):
+    """A folder a lost rank never reported (not in Ray Train's snapshot) goes; the registered one stays; a snapshot
+    of an unknown layout removes nothing."""
+    from mtn.train.fit import tidy_checkpoints
+
+    runs = Path(run.storage_path) / "r"
+    orphan = runs / "checkpoint_2026-12-01_19-05-00.000000"
+    (orphan / "deepspeed").mkdir(parents=True)
+    (orphan / resume.STATE_FILE).write_text(json.dumps({"step": 4}))
+    (runs / "checkpoint_notes.txt").write_text("a file, not a checkpoint folder")
+    tidy_checkpoints(run)
+    assert not orphan.exists() and (runs / "checkpoint_notes.txt").exists()
+    assert resume.latest_checkpoint_state(run.storage_path, "r")[1]["step"] == 3  # the registered one is whole
+    assert "removed 1 checkpoint folder(s) of run 'r'" in capsys.readouterr().out
+    orphan.mkdir()
+    (runs / resume.SNAPSHOT).write_text(json.dumps({"latest": "checkpoint_x"}))  # not Ray 2.60's layout
+    assert resume.remove_unregistered_checkpoints(run.storage_path, "r") == [] and orphan.exists()

@@ -45,6 +45,7 @@ def fit(train_loop, cfg, callbacks: list | None = None, on_ray_ready: Callable[[
     from mtn.train.resume import check_resume
 
     check_resume(cfg)
+    tidy_checkpoints(cfg)  # leftovers of an earlier run's lost ranks
     with ray_session(cfg.ray_address, local_cpus(cfg.num_workers * cfg.cpus_per_worker), cfg.use_gpu,
                      log_to_driver=True):
         if on_ray_ready is not None:  # e.g. mtn.train.preemption re-installs its SIGTERM handler over ray.init's
@@ -58,12 +59,29 @@ def fit(train_loop, cfg, callbacks: list | None = None, on_ray_ready: Callable[[
         try:
             # a Ray started here is shut down on the way out: that stops the workers' progress-bar forwarding
             # before the summary prints
-            return trainer.fit()
+            result = trainer.fit()
         except Exception as e:  # ray.train.TrainingFailedError: a worker's MTNError is a user error, said in one line
             message = worker_user_error(e)
             if message is None:
                 raise
             raise MTNError(f"a training worker stopped: {message}") from None
+    tidy_checkpoints(cfg)
+    return result
+
+
+def tidy_checkpoints(cfg) -> None:
+    """Remove the run's checkpoint folders Ray Train never registered (a rank lost while reporting: its node died),
+    saying so; a storage error only warns (the run itself is done)."""
+    from mtn.train.resume import remove_unregistered_checkpoints
+
+    try:
+        removed = remove_unregistered_checkpoints(cfg.storage_path, cfg.name)
+    except Exception as e:  # noqa: BLE001 (tidying must not fail a finished run)
+        print(f"warning: could not check run {cfg.name!r} for unregistered checkpoints: {e}", file=sys.stderr)
+        return
+    if removed:
+        print(f"removed {len(removed)} checkpoint folder(s) of run {cfg.name!r} that Ray Train never registered (a "
+              f"rank was lost while writing them, so no resume reads them): {', '.join(removed)}")
 
 
 def fit_or_preempt(train_loop, cfg):

@@ -113,6 +113,29 @@ def check_resume(cfg) -> None:
                    f"(continue with the new values{split})")
 
 
+def remove_unregistered_checkpoints(storage_path: str, name: str) -> list[str]:
+    """Delete the run's checkpoint folders Ray Train never registered -> their names. A checkpoint is registered
+    once every rank has reported it; a rank lost while reporting (its node died) leaves the others' parts in a
+    folder that no resume ever reads. Call it only while no worker of the run is running (before fit, after it)."""
+    fs, root = filesystem(storage_path)
+    run = f"{root.rstrip('/')}/{name}"
+    try:
+        snapshot = json.loads(fs.cat_file(f"{run}/{SNAPSHOT}"))
+    except FileNotFoundError:
+        return []  # nothing registered yet (a first run): nothing known to be an orphan
+    if "checkpoint_results" not in snapshot:  # another Ray's snapshot layout: never guess what is registered
+        return []
+    registered = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    registered.add(latest.get("checkpoint_dir_name"))
+    orphans = [p for p in fs.ls(run, detail=False)
+               if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") and fs.isdir(p)
+               and p.rstrip("/").rsplit("/", 1)[-1] not in registered]
+    for path in orphans:
+        fs.rm(path, recursive=True)
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in orphans]
+
+
 def delete_run(storage_path: str, name: str) -> None:
     fs, root = filesystem(storage_path)
     run = f"{root.rstrip('/')}/{name}"
