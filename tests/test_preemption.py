@@ -57,6 +57,24 @@ def test_no_clean_stop_within_the_timeout_exits():
         assert wait_for(lambda: calls.exits == [EXIT_CODE])
 
 
+def test_a_failing_flag_is_retried_until_it_is_raised(capsys):
+    """Raising the flag can fail on a loaded cluster (the flag actor's worker starts too slowly): the watcher tries
+    again instead of waiting out the timeout with no stop on its way."""
+    calls, failures = Calls(), [TimeoutError("slow"), TimeoutError("slow")]
+
+    def flaky(name):
+        if failures:
+            raise failures.pop()
+        calls.flag(name)
+
+    with StopOnSigterm("run-e", timeout_s=60, raise_flag=flaky, exit_now=calls.exit):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_for(lambda: calls.flags == ["run-e"], 30)
+    err = capsys.readouterr().err
+    assert err.count("could not raise the stop flag (TimeoutError: slow); retrying") == 2
+    assert "stop flag raised" in err and calls.exits == []
+
+
 def test_without_sigterm_nothing_happens():
     calls = Calls()
     with StopOnSigterm("run-c", timeout_s=0.1, raise_flag=calls.flag, exit_now=calls.exit) as stop:

@@ -52,7 +52,7 @@ def raise_flag(run_name: str, wait_s: float = 60.0) -> None:
     deadline = time.monotonic() + wait_s
     while not ray.is_initialized():
         if time.monotonic() > deadline:
-            return
+            raise TimeoutError(f"Ray was not up within {wait_s:g} s")
         time.sleep(0.1)
     flag = ray.remote(num_cpus=0)(_Flag).options(name=flag_name(run_name), get_if_exists=True).remote()
     ray.get(flag.ping.remote(), timeout=wait_s)
@@ -115,11 +115,19 @@ class StopOnSigterm:
         self._wake.wait()
         if self._done.is_set():
             return
-        try:
-            self._raise_flag(self.run_name)
-        except Exception as e:  # noqa: BLE001 - no flag: the timeout below still ends the process
-            sys.stderr.write(f"could not raise the stop flag ({type(e).__name__}: {e})\n")
-        if not self._done.wait(self.timeout_s):
+        deadline = time.monotonic() + self.timeout_s
+        while not self._done.is_set():
+            try:
+                self._raise_flag(self.run_name)
+                sys.stderr.write("stop flag raised: every rank checkpoints at its next step boundary\n")
+                break
+            except Exception as e:  # noqa: BLE001 - retried (a loaded cluster); the timeout below still ends the process
+                sys.stderr.write(f"could not raise the stop flag ({type(e).__name__}: {e}); retrying\n")
+                if self._done.wait(min(5.0, max(0.0, deadline - time.monotonic()))) or time.monotonic() > deadline:
+                    break
+            finally:
+                sys.stderr.flush()
+        if not self._done.wait(max(0.0, deadline - time.monotonic())):
             sys.stderr.write(f"no checkpoint within {self.timeout_s:g} s of SIGTERM: exiting now; the next run "
                              "resumes from the last periodic checkpoint\n")
             sys.stderr.flush()
