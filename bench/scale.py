@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mtn.data.lanes import lower_bound, merge_lanes  # noqa: E402
+from mtn.data.lanes import in_turn, lower_bound, merge_lanes  # noqa: E402
 from mtn.data.shards import ShardStream, StreamConfig, epoch_order, lane_shards, resume_position  # noqa: E402
 
 
@@ -154,13 +154,7 @@ def lane_events(lengths: list[int], k: int, skip_at_source=lower_bound):
             yield {"kind": "batch", "lane": lane, "r": r}
         yield {"kind": "end", "lane": lane, "n": n}
 
-    gens = [one(lane) for lane in range(len(lengths))]
-    while gens:
-        for g in list(gens):
-            event = next(g)
-            yield event
-            if event["kind"] == "end":
-                gens.remove(g)
+    return in_turn(one(lane) for lane in range(len(lengths)))
 
 
 def rank_batches(lanes: list[np.ndarray], batch: int, k: int = 0, skip_at_source=lower_bound):

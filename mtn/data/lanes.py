@@ -14,6 +14,18 @@ def lower_bound(k: int, lane: int, n_lanes: int) -> int:
     return max(0, -(-(k - lane) // n_lanes))
 
 
+def in_turn(lanes):
+    """The lanes' events one per lane in turn (lane order, rounds) until each lane's "end" event: what a rank's
+    readers (mtn.data.shards.ShardStream.events) hand to merge_lanes."""
+    gens = list(lanes)
+    while gens:
+        for g in list(gens):
+            event = next(g)
+            yield event
+            if event["kind"] == "end":
+                gens.remove(g)
+
+
 def merge_lanes(items, n_lanes: int, k: int, on_pull=None, on_discard=None):
     """Canonical order over lane items (each lane's items in order, lanes interleaved any way): yields
     (position, batch item) for positions >= k. A lane's batches r < ceil((k - lane) / n_lanes) were skipped at the

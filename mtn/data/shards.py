@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtn.data.imageproc import decode_image, image_size, train_transform
-from mtn.data.lanes import lower_bound, merge_lanes
+from mtn.data.lanes import in_turn, lower_bound, merge_lanes
 from mtn.data.shardio import ShardReader, list_shards
 from mtn.errors import MTNError
 
@@ -312,13 +312,7 @@ class ShardStream(IterableDataset):
     def events(self, lanes, n_lanes: int, k: int, keep_tail: bool):
         """The given lanes' events (see _lane_events), one per lane in turn (lane order, rounds); what a
         ShardStream iteration and mtn.data.loader's workers consume."""
-        gens = [self._lane_events(lane, n_lanes, lower_bound(k, lane, n_lanes), keep_tail) for lane in lanes]
-        while gens:
-            for g in list(gens):
-                event = next(g)
-                yield event
-                if event["kind"] == "end":
-                    gens.remove(g)
+        return in_turn(self._lane_events(lane, n_lanes, lower_bound(k, lane, n_lanes), keep_tail) for lane in lanes)
 
     def __iter__(self):
         wid, workers = worker_slot()
