@@ -1,9 +1,12 @@
 """Pieces the UNet finetune and the latent precompute jobs share: models from the config, text conditioning; the
-finetune's EMA of the UNet weights (diffusers' `EMAModel`) and its safetensors checkpoint files."""
+finetune's data feed per rank (`WorkerData`: epochs, exact resume position), its EMA of the UNet weights (diffusers'
+`EMAModel`) and its safetensors checkpoint files."""
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -145,3 +148,62 @@ def load_ema(ema, folder: Path) -> None:
     device = ema.shadow_params[0].device
     shadow = [tensors[str(i)].to(device, torch.float32) for i in range(len(tensors))]
     ema.load_state_dict({**json.loads((folder / EMA_STATE).read_text()), "shadow_params": shadow})
+
+
+def open_data(cfg: FinetuneConfig, rank: int, world: int, epoch: int, skip_batches: int, lanes: int = 1):
+    """This rank's batches of one epoch, `skip_batches` in: dicts of precomputed latents + text features
+    (cfg.precomputed, mtn/data/latents.py) or of images + captions (webdataset shards, mtn/data/shards.py, read as
+    `lanes` sub-streams whatever the number of loader processes)."""
+    from mtn.data.loader import make_loader
+    from mtn.data.shards import ShardStream, StreamConfig, list_shards
+
+    if cfg.precomputed:  # latents + text features from jobs/precompute_latents.py: no VAE / text encoder per step
+        from mtn.data.latents import LatentBatches
+
+        return LatentBatches(cfg.precomputed, rank, world, cfg.micro_batch, cfg.seed, epoch, skip_batches)
+
+    stream_cfg = StreamConfig(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                              shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                              min_caption_chars=cfg.min_caption_chars, min_image_size=cfg.min_image_size,
+                              max_skipped_shard_fraction=cfg.max_skipped_shard_fraction, lanes=lanes)
+    stream = ShardStream(list_shards(cfg.train_shards), stream_cfg, rank=rank, world_size=world, epoch=epoch,
+                         skip_batches=skip_batches, batch_size=cfg.micro_batch)
+    return make_loader(stream, cfg.micro_batch, num_workers=cfg.loader_workers)
+
+
+@dataclass
+class WorkerData:
+    """One rank's batches across epochs: its position (epoch, batches into it, and the lanes the epoch is read as;
+    checkpointed for an exact mid-epoch resume), the time spent waiting for data, and the loader's skip counts summed
+    over the run. The lanes fix the batch order, so a resume finishes its epoch with the saved ones and only the next
+    epoch takes a changed loader_workers."""
+
+    cfg: FinetuneConfig
+    rank: int
+    world: int
+    pos: dict = field(default_factory=lambda: {"epoch": 0, "batches": 0})
+    skipped: dict = field(default_factory=dict)
+    wait_s: float = 0.0
+    loader: object = None  # opened at the first batch, after a resume restored `pos`
+
+    def open(self):
+        if self.pos["batches"] == 0 or "lanes" not in self.pos:  # an epoch's start (or a checkpoint without lanes)
+            self.pos["lanes"] = max(1, self.cfg.loader_workers)
+        return iter(open_data(self.cfg, self.rank, self.world, self.pos["epoch"], self.pos["batches"],
+                              self.pos["lanes"]))
+
+    def next(self) -> dict:
+        t0 = time.perf_counter()
+        if self.loader is None:
+            self.loader = self.open()
+        try:
+            batch = next(self.loader)
+        except StopIteration:  # this rank's share of the epoch is done: the next epoch reshuffles shards
+            self.pos.update(epoch=self.pos["epoch"] + 1, batches=0)
+            self.loader = self.open()
+            batch = next(self.loader)
+        self.wait_s += time.perf_counter() - t0
+        self.pos["batches"] += 1
+        for k, v in batch.pop("stats", {}).items():
+            self.skipped[k] = self.skipped.get(k, 0) + v
+        return batch

@@ -7,8 +7,9 @@ import types
 import pytest
 import torch
 
-from jobs import finetune_unet
-from jobs.finetune_unet import WorkerData, micro_rngs, stored_latents
+from jobs.finetune_unet import micro_rngs, stored_latents
+from mtn import finetune
+from mtn.finetune import WorkerData
 
 
 def draws(seed, step, rank, micro) -> tuple[list[float], float]:
@@ -37,7 +38,7 @@ def test_worker_data_rolls_over_epochs_and_resumes_at_its_position(monkeypatch):
         opened.append((epoch, skip, lanes))
         return iter([{"i": (epoch, b), "stats": {"skipped_corrupt": 1}} for b in range(skip, 3)])
 
-    monkeypatch.setattr(finetune_unet, "open_data", fake_open)
+    monkeypatch.setattr(finetune, "open_data", fake_open)
     data = WorkerData(cfg=SimpleNamespace(loader_workers=4), rank=0, world=1)
     data.pos.update(epoch=2, batches=1, lanes=2)  # as restored from a checkpoint written with loader_workers=2
     got = [data.next()["i"] for _ in range(4)]
