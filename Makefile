@@ -11,7 +11,16 @@ HELM := .tools/bin/helm
 # tests wait much of their time (process start-ups, polls, servers), so two at once overlap. PYTEST_XDIST= runs serially.
 PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup tools train test test-fast lint
+# Images (docker build runs where a Docker engine is: your machine or CI). The defaults are the names the chart
+# (helm/mtn-serve image.repository/tag) and k8s/*.yaml use; push to your registry with IMAGE=<registry>/mtn-serve:<tag>.
+DOCKER ?= docker
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
+MLFLOW_VERSION := $(shell sed -n 's/^mlflow==//p' constraints.txt | head -n 1)
+IMAGE ?= mtn-serve:$(VERSION)
+MLFLOW_IMAGE ?= mtn-mlflow:$(MLFLOW_VERSION)
+DOCKER_CHECK = @$(DOCKER) info >/dev/null 2>&1 || { echo "make $@: no Docker engine reachable ('$(DOCKER) info' failed): run it where docker build works (Docker running, or CI)" >&2; exit 2; }
+
+.PHONY: setup tools train test test-fast lint image image-mlflow push push-mlflow
 setup: $(BIN)/.installed
 
 # torch first (from its pin), then everything else under the full lock in constraints.txt
@@ -35,5 +44,20 @@ test: setup tools  ## the whole suite, slow multi-process job tests included (wh
 test-fast: setup  ## everything but the multi-process Ray/DeepSpeed job tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: setup
+lint: setup  ## ruff on the Python code, hadolint on the Dockerfile
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+
+image:  ## the runtime image (Ray + this repo at /app): IMAGE=<registry>/mtn-serve:<tag> make image
+	$(DOCKER_CHECK)
+	$(DOCKER) build -t $(IMAGE) .
+
+image-mlflow:  ## the MLflow server image of k8s/mlflow.yaml: MLFLOW_IMAGE=<registry>/mtn-mlflow:<tag> make image-mlflow
+	$(DOCKER_CHECK)
+	$(DOCKER) build --target mlflow -t $(MLFLOW_IMAGE) .
+
+push: image  ## build, then push IMAGE (log in to the registry first)
+	$(DOCKER) push $(IMAGE)
+
+push-mlflow: image-mlflow
+	$(DOCKER) push $(MLFLOW_IMAGE)

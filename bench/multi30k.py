@@ -8,7 +8,7 @@
 Every row trains through jobs/train_mtn.py with jobs/configs/multi30k.yaml (source_lang=<lang>) plus the row's
 overrides, then the translator it wrote is scored on the cached test sets with mtn.metrics (token MSE over real
 target tokens in raw units, pooled cosine, R@1/R@5 among the test set). Results append to
-bench/results/multi30k.jsonl with the command, wall time and machine. `--lang all` trains the shared
+bench/results/multi30k.jsonl with the command, wall time, machine and git commit. `--lang all` trains the shared
 multilingual MTN and scores it on each language's test sets.
 """
 
@@ -26,6 +26,11 @@ from pathlib import Path
 
 import torch
 
+try:  # `import bench.multi30k` (repo root on sys.path) or `python bench/multi30k.py` (bench/ on it)
+    from bench.provenance import append_rows, git_commit
+except ImportError:
+    from provenance import append_rows, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "jobs/configs/multi30k.yaml"
 RESULTS = ROOT / "bench" / "results" / "multi30k.jsonl"
@@ -36,12 +41,13 @@ LANGS = ["de", "fr", "cs"]
 MTN = ["linear_skip=true", "hidden_dim=192", "max_steps=400", "batch_size=32", "lr=1e-3", "warmup_steps=30"]
 ABLATION = ["hidden_dim=192", "max_steps=150", "batch_size=32", "lr=1e-3", "compare_linear=false"]
 OLD = ["block_layout=gluegen", "standardize=false", "decoder_modules=null", "loss_rec=0", "precision=fp32",
-       "language_mix=interleave", "max_train_samples=15000", "lr_min_ratio=0.01"]  # the recipe before issue 12
+       "language_mix=interleave", "max_train_samples=15000", "lr_min_ratio=0.01"]  # the previous recipe
 ROWS = {
     "linear": ["method=linear"],
     "pooled-linear": ["method=pooled_linear"],
     "mtn": ["compare_linear=false"],  # jobs/configs/multi30k.yaml as it is (the linear row is its baseline)
-    # rows measured before issue 12 (bench/results/multi30k.jsonl keeps them; `table` shows them on request)
+    # rows of the previous recipe, one MTN per language (bench/results/multi30k.jsonl keeps them; `table` shows them
+    # on request)
     "mtn-3rm": [*OLD, "mtn_size=mtn-3rm", "max_steps=600", "batch_size=32", "lr=1e-3", "warmup_steps=30"],
     "mtn-3rm-skip": [*OLD, "mtn_size=mtn-3rm", *MTN],
     "mtn-5rm-skip": [*OLD, "mtn_size=mtn-5rm", *MTN],
@@ -81,7 +87,8 @@ def extract(lang: str, extra: list[str]) -> None:
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, no GPU"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {gpu}"
 
 
 def cpu_capability() -> str:
@@ -129,9 +136,7 @@ def run_row(row: str, lang: str, overrides: list[str], extra: list[str], key: st
                    "command": shlex.join(["python", *cmd[1:]]), "machine": machine(),
                    "cpu_capability": cpu_capability(), "perf": {k: v for k, v in metrics.items() if "perf/" in k},
                    "date": time.strftime("%Y-%m-%d %H:%M")}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            with RESULTS.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_rows(RESULTS, [rec])  # + "git_commit"
             print(f"{row:24s} {lang}->{lg} {ts:18s} token_mse {m['token_mse']:.4f}  pooled_cos {m['pooled_cosine']:.4f}"
                   f"  R@1 {m['r@1']:.3f}  R@5 {m['r@5']:.3f}  ({wall:.0f} s)")
 
@@ -180,10 +185,8 @@ def reuse(name: str, lines: list[str]) -> None:
     """Record an earlier identical trial's latest rows under this ablation's row name."""
     rows = [json.loads(x) for x in lines]
     first = rows[0]["row"]
-    with RESULTS.open("a") as f:
-        for r in rows:
-            if r["row"] == first:
-                f.write(json.dumps({**r, "row": name, "same_trial_as": first}) + "\n")
+    # copies of a measurement: they keep its git_commit (if it has one), not the current one
+    append_rows(RESULTS, [{**r, "row": name, "same_trial_as": first} for r in rows if r["row"] == first], stamp=False)
     print(f"{name}: the same trial as {first}, reused")
 
 
@@ -244,7 +247,7 @@ def ablation_summary(langs: tuple[str, ...] = ("de",)) -> str:
 
 
 def verdict(row: str = "mtn", train_lang: str = "all") -> str:
-    """The issue-12 bar for `row`: token MSE >= 10% below the linear map, pooled cosine above the linear and the
+    """The bar for `row`: token MSE >= 10% below the linear map, pooled cosine above the linear and the
     pooled-linear maps, R@1 at least as high as both; one line per test set."""
     latest = latest_results()
     out = []
@@ -282,6 +285,7 @@ def main(argv=None) -> int:
     v = sub.add_parser("verdict")
     v.add_argument("--row", default="mtn")
     args = p.parse_args(argv)
+    git_commit()  # the commit this command starts from: every row it writes names it
     if args.cmd == "extract":
         extract(args.lang, args.overrides)
     elif args.cmd == "run":

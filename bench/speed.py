@@ -7,7 +7,8 @@
 All use jobs/configs/multi30k.yaml (source_lang=all unless --set source_lang=...): multilingual-e5-small ->
 all-MiniLM-L6-v2 on Multi30k, the real encoders from ../shared/tools/real-encoders. `train` needs the feature cache
 (python jobs/extract_features.py --config jobs/configs/multi30k.yaml). Results also append to
-bench/results/speed.jsonl with the CPU capability, since the CPU behind "2 cores" varies (mtn/train/precision.py).
+bench/results/speed.jsonl with the git commit and the CPU capability, since the CPU behind "2 cores" varies
+(mtn/train/precision.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+
+try:  # `import bench.speed` (repo root on sys.path) or `python bench/speed.py` (bench/ on it)
+    from bench.provenance import append_rows, git_commit
+except ImportError:
+    from provenance import append_rows, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "jobs" / "configs" / "multi30k.yaml"
@@ -46,11 +52,9 @@ def machine() -> dict:
 def record(kind: str, product: float, plain: float, unit: str, extra: dict) -> None:
     ratio = product / plain
     print(f"    product: {product:.2f} {unit}   plain loop: {plain:.2f} {unit}   ratio = {ratio:.2f}x  (goal >= 0.8x)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps({"bench": kind, "product": product, "plain": plain, "unit": unit, "ratio": ratio, **extra,
-                            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                            "command": "python bench/speed.py " + " ".join(sys.argv[1:])}) + "\n")
+    append_rows(RESULTS, [{"bench": kind, "product": product, "plain": plain, "unit": unit, "ratio": ratio, **extra,
+                           "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                           "command": "python bench/speed.py " + " ".join(sys.argv[1:])}])  # + "git_commit"
 
 
 def plain_encoder(path: str):
@@ -221,6 +225,7 @@ def main(argv=None) -> int:
     for sp in (e, t, c):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
+    git_commit()  # the commit this run starts from: the row it writes names it
     if a.cmd == "extract":
         bench_extract(a.overrides, a.pairs)
     elif a.cmd == "train":

@@ -35,6 +35,16 @@ GEN_COLUMNS = ["guidance", "route", "images", "clip_score", "mclip_score", "fid"
 
 
 # ----------------------------------------------------------------------------------------------- setup
+def check_data(cfg: EvalConfig) -> None:
+    """Every text file the run reads exists, before a translator is trained or loaded: a missing Multi30k /
+    PartiPrompts file fails at once, naming the `mtn data fetch` command that downloads it."""
+    from mtn.data.fetch import require_files
+
+    paths = [] if cfg.align_feature_cache else [cfg.for_lang(t, lang) for lang in cfg.languages
+                                                for t in (cfg.align_source_file, cfg.align_target_file)]
+    require_files(paths + ([cfg.prompts, cfg.prompts_reference] if cfg.pipeline else []))
+
+
 def setup_translator(cfg: EvalConfig):
     from jobs.bootstrap import ensure_default_translator
     from mtn.translator import load_translation_model, load_translator, read_translator_manifest
@@ -240,6 +250,7 @@ def main(argv=None) -> int:
         if args.compare:
             print(compare_table(fetch_runs(args.tracking_uri or cfg.mlflow_tracking_uri, args.compare)), end="")
             return 0
+        check_data(cfg)
         evaluate(cfg)
         return 0
     except MTNError as e:

@@ -55,9 +55,9 @@ class EncodePairs:
         device = "cuda" if cfg.extract_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         kw = dict(dtype=cfg.encoder_dtype, device=device)
         self.source = load_text_encoder(cfg.source_encoder, cfg.source_max_length, cfg.source_prefix,
-                                        cfg.source_subfolder, **kw)
+                                        cfg.source_subfolder, revision=cfg.source_revision, **kw)
         self.target = load_text_encoder(cfg.target_encoder, cfg.target_max_length, cfg.target_prefix,
-                                        cfg.target_subfolder, **kw)
+                                        cfg.target_subfolder, revision=cfg.target_revision, **kw)
         # numpy has no bfloat16: hand float32 to the writer, which casts; float16 travels as float16
         self.np_dtype = np.float16 if cfg.feature_dtype == "float16" else np.float32
         self.full_target = cfg.cache_target_padding

@@ -161,6 +161,7 @@ def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
 
     from mtn.mlflow_models import CHAMPION, log_translator, register
     from mtn.train.tracking import MLflowTracker
+    from mtn.translator import read_target_space, target_space_tags
 
     tracker = MLflowTracker(cfg, _parent_id(cfg), job="sweep_mtn")
     (Path(cfg.output_dir) / "parent_run_id").write_text(tracker.run_id)
@@ -193,7 +194,8 @@ def sweep(cfg: SweepConfig, bases: dict[str, dict]) -> int:
     if cfg.register_model and margin is not None and margin >= cfg.gate_margin_pct:
         # a pyfunc model of the sweep's run (its "Logged models"), registered and promoted: models:/<name>@champion
         info = log_translator(tracker.run_id, best["translator"], "best_translator", cfg.mlflow_tracking_uri)
-        uri = register(mlflow.MlflowClient(cfg.mlflow_tracking_uri), cfg.register_model, info, alias=CHAMPION)
+        uri = register(mlflow.MlflowClient(cfg.mlflow_tracking_uri), cfg.register_model, info, alias=CHAMPION,
+                       tags=target_space_tags(read_target_space(best["translator"])))  # mtn.target_*
         mlflow.set_tags({"mtn.registered_model": uri, "mtn.champion": f"models:/{cfg.register_model}@{CHAMPION}"})
         print(f"registered the best translator as {uri}, alias {CHAMPION} (it beats the linear map by {margin:.2f}% >= "
               f"{cfg.gate_margin_pct}%)")

@@ -10,6 +10,9 @@ Trains the MTN (+ token discriminator when loss_adv > 0), or fits a closed-form 
 pooled_linear, mtn/baselines.py); an MTN run also fits the linear map and reports its margin over it. It validates
 every `val_every` steps (token MSE, pooled cosine, R@1/R@5), checkpoints through `ray.train.report` (resumed after worker failures or when re-run with the same
 `name` and `storage_path`), logs to MLflow on rank 0, and writes the translator to `{output_dir}/translator`.
+With `register_model` set, the translator logged to MLflow becomes a new version of that registered model, tagged
+with its target space (mtn.target_encoder / _width / _length), and `register_alias` (champion) moves to it:
+`models:/<register_model>@champion` is then what a service or the finetune consumes.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def setup_features(cfg: TrainConfig, device):
         return CachedRows(train), val, specs
     source, target = (load_text_encoder(getattr(cfg, f"{side}_encoder"), getattr(cfg, f"{side}_max_length"),
                                         getattr(cfg, f"{side}_prefix"), getattr(cfg, f"{side}_subfolder"),
-                                        dtype=cfg.encoder_dtype, device=device) for side in ("source", "target"))
+                                        dtype=cfg.encoder_dtype, device=device,
+                                        revision=getattr(cfg, f"{side}_revision")) for side in ("source", "target"))
     train_pairs, val_pairs = config_pairs(cfg)
     val = encode_rows(source, target, val_pairs) if val_pairs else None
     if val is not None:
@@ -358,9 +362,12 @@ def publish_and_upload(cfg: TrainConfig, result) -> dict | None:
     which never fails the job (a failure prints the command that retries it)."""
     summary = publish(cfg, result)
     if summary:
+        # a sweep's trial (nested under the sweep's run) never registers: the sweep registers its gated best
+        register = cfg.register_model if not cfg.mlflow_parent_run_id else None
         upload_outputs(cfg.mlflow_tracking_uri, summary["mlflow_run_id"],
                        {"loss_curve.png": summary["loss_curve"], "metrics.json": summary["metrics"]},
-                       {"translator": summary["translator"]}, experiment=cfg.mlflow_experiment, run_name=cfg.name)
+                       {"translator": summary["translator"]}, register, experiment=cfg.mlflow_experiment,
+                       run_name=cfg.name, alias=cfg.register_alias)
     return summary
 
 

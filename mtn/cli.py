@@ -53,7 +53,9 @@ def usage() -> str:
              "commands:"]
     lines += [f"  {name:<12} {text}" for name, (_, _, text) in COMMANDS.items()]
     lines += [f"  {'config show':<12} print a command's resolved config as YAML: "
-              "mtn config show <command> [--config FILE] [key=value ...]", "",
+              "mtn config show <command> [--config FILE] [key=value ...]",
+              f"  {'data fetch':<12} download Multi30k / PartiPrompts into the data root: "
+              "mtn data fetch <multi30k|prompts|all> [--root DIR|s3://...] [--base-url URL]", "",
               "`mtn <command> --help` lists a command's options; key=value overrides any config key "
               "(lists as YAML: \"num_modules=[3, 5]\")."]
     return "\n".join(lines)
@@ -120,8 +122,33 @@ def _resolved(command: str, config: str | None, overrides: list[str]) -> dict:
                        cls=getattr(importlib.import_module(module), cls)).to_dict()
 
 
+def data_command(argv: list[str]) -> int:
+    """`mtn data fetch NAME...`: mtn.data.fetch (pinned sha256s, atomic, resumable)."""
+    p = _OneLineParser(prog="mtn data", description="the public data files the real-data configs read")
+    sub = p.add_subparsers(dest="action", required=True, parser_class=_OneLineParser)
+    f = sub.add_parser("fetch", help="download datasets into the data root (files already there are checked, kept)")
+    f.add_argument("names", nargs="+", metavar="NAME", help="multi30k, prompts, or all")
+    f.add_argument("--root", help="data root: a folder or fsspec URL (default: $MTN_SHARED_DATA, else "
+                                  "the configs' data_root default)")
+    f.add_argument("--base-url", help="fetch <URL>/<path under the root> from this mirror instead "
+                                      "(default: $MTN_DATA_BASE_URL, else the public sources)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    ns = p.parse_args(argv)
+
+    from mtn.data.fetch import fetch
+    from mtn.errors import MTNError
+
+    try:
+        files = fetch(ns.names, root=ns.root, base_url=ns.base_url, progress=not ns.quiet)
+    except MTNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(files)} file(s) in place")
+    return 0
+
+
 def _unknown(command: str, where: str) -> int:
-    names = [*COMMANDS, "config"]
+    names = [*COMMANDS, "config", "data"]
     near = difflib.get_close_matches(command, names, 1)
     hint = f" (did you mean {near[0]!r}?)" if near else f" (one of: {', '.join(names)})"
     print(f"error: {where}: unknown command {command!r}{hint}; see mtn --help", file=sys.stderr)
@@ -140,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                   "[key=value ...]", file=sys.stderr)
             return 2
         return config_show(rest[1:])
+    if command == "data":
+        return data_command(rest)
     if command not in COMMANDS:
         return _unknown(command, "mtn")
     if as_script:  # the console script's own process: the job's argparse then says `usage: mtn train ...`

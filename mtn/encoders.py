@@ -48,7 +48,8 @@ class FrozenTextEncoder(torch.nn.Module):
     """A frozen (no grad, always eval) tokenizer + encoder pair with fixed-length padding."""
 
     def __init__(
-        self, model, tokenizer, name_or_path: str, max_length: int, prefix: str = "", subfolder: str | None = None
+        self, model, tokenizer, name_or_path: str, max_length: int, prefix: str = "", subfolder: str | None = None,
+        revision: str | None = None,
     ):
         super().__init__()
         if not isinstance(max_length, int) or max_length < 1:
@@ -59,6 +60,7 @@ class FrozenTextEncoder(torch.nn.Module):
         self.max_length = max_length
         self.prefix = prefix or ""
         self.subfolder = subfolder
+        self.revision = revision  # the hub revision asked for (branch, tag or commit); None: main
         self.model.requires_grad_(False)
         self.eval()
 
@@ -143,6 +145,7 @@ class FrozenTextEncoder(torch.nn.Module):
         return {
             "name_or_path": self.name_or_path,
             "subfolder": self.subfolder,
+            "hub_revision": self.revision,
             "max_length": self.max_length,
             "prefix": self.prefix,
             "model_type": self.model_type,
@@ -179,12 +182,17 @@ def _check_source(name_or_path: str) -> None:
         raise MTNError(f"text encoder path {name_or_path!r} does not exist (and is not a hub id 'org/name')")
 
 
-def _read_model_type(name_or_path: str, subfolder: str | None, trust_remote_code: bool) -> str:
+def _revision_kw(revision: str | None) -> dict[str, Any]:
+    return {"revision": revision} if revision else {}
+
+
+def _read_model_type(name_or_path: str, subfolder: str | None, trust_remote_code: bool,
+                     revision: str | None = None) -> str:
     """model_type from config.json without AutoConfig (which rejects types it doesn't know, e.g. ldmbert)."""
     from transformers import PretrainedConfig
 
     try:
-        cfg, _ = PretrainedConfig.get_config_dict(name_or_path, subfolder=subfolder or "")
+        cfg, _ = PretrainedConfig.get_config_dict(name_or_path, subfolder=subfolder or "", **_revision_kw(revision))
     except OSError as e:
         raise MTNError(
             f"cannot read the config of text encoder {name_or_path!r}"
@@ -194,11 +202,12 @@ def _read_model_type(name_or_path: str, subfolder: str | None, trust_remote_code
 
 
 def _load_model(
-    name_or_path: str, subfolder: str | None, model_type: str, torch_dtype: torch.dtype, trust_remote_code: bool
+    name_or_path: str, subfolder: str | None, model_type: str, torch_dtype: torch.dtype, trust_remote_code: bool,
+    revision: str | None = None,
 ):
     import transformers
 
-    kw: dict[str, Any] = {"dtype": torch_dtype}
+    kw: dict[str, Any] = {"dtype": torch_dtype, **_revision_kw(revision)}
     if subfolder:
         kw["subfolder"] = subfolder
     if model_type in _T5_CLASSES:
@@ -218,7 +227,8 @@ def _load_model(
     return model
 
 
-def _load_tokenizer(name_or_path: str, subfolder: str | None, tokenizer_subfolder: str | None, trust_remote_code: bool):
+def _load_tokenizer(name_or_path: str, subfolder: str | None, tokenizer_subfolder: str | None, trust_remote_code: bool,
+                    revision: str | None = None):
     from transformers import AutoTokenizer
 
     if tokenizer_subfolder is not None:
@@ -235,7 +245,8 @@ def _load_tokenizer(name_or_path: str, subfolder: str | None, tokenizer_subfolde
             errors.append(f"{sub or '.'!r}: no tokenizer files")
             continue
         try:
-            return AutoTokenizer.from_pretrained(name_or_path, subfolder=sub, trust_remote_code=trust_remote_code)
+            return AutoTokenizer.from_pretrained(name_or_path, subfolder=sub, trust_remote_code=trust_remote_code,
+                                                 **_revision_kw(revision))
         except (OSError, ValueError, TypeError) as e:
             errors.append(f"{sub or '.'!r}: {e}")
     raise MTNError(f"cannot load a tokenizer for {name_or_path!r}: " + "; ".join(errors))
@@ -251,12 +262,15 @@ def load_text_encoder(
     trust_remote_code: bool = False,
     tokenizer_subfolder: str | None = None,
     seed: int = 0,
+    revision: str | None = None,
 ) -> FrozenTextEncoder:
     """A FrozenTextEncoder from ``tiny:<t5|clip|bert|xlmr>``, a local directory or a hub id.
 
     ``tokenizer_subfolder``: where the tokenizer lives; by default next to the model, and when
     ``subfolder`` is given and has none, in "tokenizer" (CompVis/ldm-text2im-large-256 uses
-    subfolder="bert"). ``seed`` only matters for ``tiny:`` encoders.
+    subfolder="bert"). ``seed`` only matters for ``tiny:`` encoders. ``revision``: the hub branch, tag or commit
+    of the model, its tokenizer and its config (None: main; ignored for local folders and ``tiny:``); recorded in
+    ``spec()`` as ``hub_revision``.
     """
     torch_dtype = resolve_dtype(dtype)
     if isinstance(name_or_path, str) and name_or_path.startswith(TINY_PREFIX):
@@ -265,15 +279,17 @@ def load_text_encoder(
         model, tok = tiny_text_encoder(name_or_path, max_length, seed=seed)
     else:
         _check_source(name_or_path)
-        model_type = _read_model_type(name_or_path, subfolder, trust_remote_code)
+        model_type = _read_model_type(name_or_path, subfolder, trust_remote_code, revision)
         try:
-            model = _load_model(name_or_path, subfolder, model_type, torch_dtype, trust_remote_code)
+            model = _load_model(name_or_path, subfolder, model_type, torch_dtype, trust_remote_code, revision)
         except OSError as e:
-            raise MTNError(f"cannot load text encoder {name_or_path!r}: {e}") from e
-        tok = _load_tokenizer(name_or_path, subfolder, tokenizer_subfolder, trust_remote_code)
+            raise MTNError(f"cannot load text encoder {name_or_path!r}"
+                           f"{f' at revision {revision!r}' if revision else ''}: {e}") from e
+        tok = _load_tokenizer(name_or_path, subfolder, tokenizer_subfolder, trust_remote_code, revision)
         _check_max_length(model, max_length, name_or_path)
     model = model.to(device=device, dtype=torch_dtype)
-    return FrozenTextEncoder(model, tok, name_or_path, max_length, prefix=prefix, subfolder=subfolder)
+    return FrozenTextEncoder(model, tok, name_or_path, max_length, prefix=prefix, subfolder=subfolder,
+                             revision=revision or None)
 
 
 def _check_max_length(model, max_length: int, name: str) -> None:

@@ -55,7 +55,7 @@ class FinetuneConfig(JobConfig):
     val_steps: int = 20
     val_guidance_scale: float = 7.5
     val_seed: int = 0
-    register_model: str | None = None  # MLflow registered model name for the final pipeline; null: not registered
+    # register_model (JobConfig): the registered model the final pipeline (+ its translator) becomes a version of
     # --- tracking
     mlflow_experiment: str = "mtn-finetune"
 

@@ -1,6 +1,6 @@
 """diffusers glue: generate with a translator through `prompt_embeds` / `negative_prompt_embeds` only.
 
-    >>> pipe = load_pipeline("runwayml/stable-diffusion-v1-5", device="cuda", dtype=torch.float16, scheduler="dpm")
+    >>> pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", "cuda", torch.float16, scheduler="dpm")
     >>> tr = load_translator("outputs/multi30k-de/translator", device="cuda", dtype=torch.float16)
     >>> images = generate(pipe, tr, ["ein roter Hund läuft am Strand"], seeds=[0], guidance_scale=7.5)
 
@@ -30,24 +30,38 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "plms": "PNDMSch
 
 def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   scheduler: str = "default"):
-    """A diffusers text-to-image pipeline (folder, hub id, or tiny:sd) with no safety checker download; checked to
-    take prompt_embeds. `scheduler`: default | ddim | pndm (PLMS) | dpm (DPM-Solver++ multistep)."""
+    """A diffusers text-to-image pipeline with no safety checker download, checked to take prompt_embeds, from a
+    save_pretrained folder, a hub id `org/name[@revision]` (a branch, tag or commit; e.g.
+    stable-diffusion-v1-5/stable-diffusion-v1-5; read from the HF cache alone under HF_HUB_OFFLINE=1; a local
+    folder of the same spelling wins) or tiny:sd. `scheduler`: default | ddim | pndm (PLMS) | dpm (DPM-Solver++)."""
     from diffusers import DiffusionPipeline
 
-    local = Path(name_or_path)
+    from mtn.uris import hub_snapshot, parse_hub_id
+
+    name_or_path = str(name_or_path)
+    local = Path(name_or_path).expanduser()
+    hub = None if name_or_path.startswith(TINY_PREFIX) else parse_hub_id(name_or_path)  # None for a local folder
     if name_or_path.startswith(TINY_PREFIX):
         from mtn.tiny.sd import tiny_pipeline  # offline stand-in, imported only when asked for
 
         pipe = tiny_pipeline(name_or_path)
         pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # built in float32
-    elif (name_or_path.startswith((".", "/")) or local.exists()) and not (local / "model_index.json").is_file():
+    elif hub is None and not local.is_dir():
+        raise MTNError(f"pipeline folder not found: {name_or_path} (expected a folder, a hub id org/name[@revision] "
+                       "or tiny:sd)")
+    elif hub is None and not (local / "model_index.json").is_file():
         raise MTNError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json)")
     else:
+        repo, revision = hub if hub is not None else (str(local), None)
         try:
-            pipe = DiffusionPipeline.from_pretrained(name_or_path, dtype=dtype, safety_checker=None,
+            pipe = DiffusionPipeline.from_pretrained(repo, revision=revision, dtype=dtype, safety_checker=None,
                                                      requires_safety_checker=False)
-        except (OSError, ValueError) as e:
-            raise MTNError(f"cannot load diffusers pipeline {name_or_path!r}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, hub errors: one line for the user
+            where = ""
+            if hub is not None:  # not in the HF cache (nor downloadable): hub_snapshot raises that one line
+                where = f" (cached at {hub_snapshot(repo, revision, marker='model_index.json')})"
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MTNError(f"cannot load diffusers pipeline {name_or_path!r}{where}: {msg}") from None
     check_takes_embeddings(pipe)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -74,19 +88,41 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
 
 
+def check_translator(pipe, translator) -> dict:
+    """Refuse a translator whose declared target space the pipeline cannot consume, in ONE line naming both sides:
+    its width d_t against the UNet's cross_attention_dim, its length S_t against the pipeline tokenizer's
+    model_max_length (when the pipeline has a tokenizer). -> the translator's target space. For text_embeddings,
+    and for a service at load time."""
+    space = getattr(translator, "target_space", None)
+    if not isinstance(space, dict):  # a translator-like object without a declared space: its output shape
+        length, width = translator.target_shape
+        space = {"encoder": None, "width": width, "length": length}
+    cross = pipe.unet.config.cross_attention_dim
+    tokenizer = getattr(pipe, "tokenizer", None)
+    max_length = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    encoder = "/".join(str(p) for p in (space.get("encoder"), space.get("subfolder")) if p)
+    what = f"the translator writes [*, {space['length']}, {space['width']}] for {encoder or 'an unnamed encoder'}"
+    if space["width"] != cross:
+        raise MTNError(f"{what} (width {space['width']}) but the UNet cross-attends to {cross}-d text: it was "
+                       f"trained for another text encoder")
+    # a tokenizer saved without a limit reports transformers' VERY_LARGE_INTEGER (1e30): no length to check then
+    if isinstance(max_length, int) and max_length < 1_000_000 and max_length != space["length"]:
+        raise MTNError(f"{what} (length {space['length']}) but the pipeline's tokenizer pads prompts to "
+                       f"{max_length} tokens: it was trained for another text encoder")
+    return space
+
+
 def text_embeddings(pipe, translator, prompts: list[str], negative_prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, negative_prompt_embeds), each [B, S_t, d_t], both from the same route.
-    translator=None: the pipeline's own text encoder (its encode_prompt)."""
+    translator=None: the pipeline's own text encoder (its encode_prompt); a translator is checked against the
+    pipeline first (check_translator)."""
     if len(prompts) != len(negative_prompts):
         raise MTNError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
     unet = pipe.unet
     if translator is None:
         pos, neg = pipe.encode_prompt(list(prompts), unet.device, 1, True, negative_prompt=list(negative_prompts))
         return pos, neg  # [B, 77, d_t] each
-    d_t = translator.target_shape[1]
-    if d_t != unet.config.cross_attention_dim:
-        raise MTNError(f"the translator outputs d_t={d_t} but the UNet cross-attends to "
-                       f"{unet.config.cross_attention_dim}: it was trained for another target encoder")
+    check_translator(pipe, translator)
     both = translator.encode(list(prompts) + list(negative_prompts))  # [2B, S_t, d_t]
     both = both.to(unet.device, unet.dtype)
     return both[: len(prompts)], both[len(prompts):]

@@ -59,8 +59,9 @@ class SweepConfig(RunConfig):
 
 
 # a variant overriding one of these changes what the frozen encoders output, so it needs its own feature cache
-ENCODER_KEYS = ("source_encoder", "source_max_length", "source_prefix", "source_subfolder", "target_encoder",
-                "target_max_length", "target_prefix", "corpus", "source_file", "target_file", "max_train_samples")
+ENCODER_KEYS = ("source_encoder", "source_max_length", "source_prefix", "source_subfolder", "source_revision",
+                "target_encoder", "target_max_length", "target_prefix", "target_subfolder", "target_revision", "corpus",
+                "source_file", "target_file", "max_train_samples")
 
 
 def needs_own_features(overrides: list[str]) -> bool:

@@ -17,10 +17,12 @@ class TrainConfig(JobConfig):
     # --- encoders: hub id, local path, or tiny:<t5|clip|bert|xlmr>
     source_encoder: str = "tiny:t5"
     source_subfolder: str | None = None
+    source_revision: str | None = None  # hub branch, tag or commit of the source LM; None: main (pin a commit)
     source_max_length: int = 32
     source_prefix: str = ""
     target_encoder: str = "tiny:clip"
     target_subfolder: str | None = None
+    target_revision: str | None = None  # hub branch, tag or commit of the target encoder; None: main
     target_max_length: int = 77
     target_prefix: str = ""
     encoder_dtype: str = "float32"
@@ -72,6 +74,9 @@ class TrainConfig(JobConfig):
     mse_on_mask: bool = False
     # --- tracking
     mlflow_parent_run_id: str | None = None  # set by jobs/sweep_mtn.py: this run is nested under the sweep's run
+    # register_model (JobConfig) names the registered model the translator becomes a new version of; the alias
+    # moves to that version (null: none). A sweep's trials never register: the sweep registers its gated best.
+    register_alias: str | None = "champion"
 
     def checks(self) -> list[tuple[bool, str]]:
         losses = (self.loss_mse, self.loss_adv, self.loss_rec, self.loss_cycle)
@@ -94,6 +99,8 @@ class TrainConfig(JobConfig):
             (bool(self.corpus) != bool(self.source_file or self.target_file),
              "give either `corpus` (monolingual) or `source_file` + `target_file` (parallel), not both/neither"),
             (bool(self.source_file) == bool(self.target_file), "parallel data needs both source_file and target_file"),
+            (self.register_alias is None or bool(self.register_alias.strip()),
+             "register_alias must be a non-empty name or null"),
         ]
 
     @property

@@ -2,7 +2,8 @@
 
 A translator folder (what `jobs/train_mtn.py` writes at `<output_dir>/translator`) is self-describing:
 
-    translator.json            format, source/target encoder specs (id or path, max_length, prefix, ...),
+    translator.json            format, source/target encoder specs (id or path, max_length, prefix, ...), the
+                               declared target space (target_space: the text space it writes, see below),
                                training metadata (config, steps, final metrics)
     mtn/config.json            ModelTranslationNetwork config (save_pretrained)
     mtn/diffusion_pytorch_model.safetensors
@@ -12,6 +13,11 @@ A translator folder (what `jobs/train_mtn.py` writes at `<output_dir>/translator
     >>> tr = load_translator("outputs/local/translator")
     >>> emb = tr.encode(["ein Hund rennt am Strand"])        # [B, S_t, d_t]
     >>> pipe(prompt_embeds=emb, negative_prompt_embeds=tr.encode([""]))
+
+The target space is what a consumer checks before use (mtn.pipeline.check_translator, the registry tags of
+jobs/train_mtn.py): {encoder: id or path, subfolder, revision (the pinned hub revision; null = main), width: d_t,
+length: S_t, padding: "max_length"}. Folders written before it was recorded derive it from their target_encoder spec
+and their model config.
 """
 
 from __future__ import annotations
@@ -37,6 +43,39 @@ MANIFEST = "translator.json"
 MTN_SUBFOLDER = "mtn"
 BUNDLED_ENCODER = "source_encoder"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+TARGET_PADDING = "max_length"  # the target encoder always pads to S_t, as Stable Diffusion's tokenizer does
+
+
+def target_space_of(manifest: dict, model_config) -> dict:
+    """The text space a translator writes, from its target_encoder spec and its model config (an object or the
+    config.json mapping): {encoder, subfolder, revision, width (d_t), length (S_t), padding}."""
+    spec = manifest.get("target_encoder") or {}
+    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k)
+    return {"encoder": spec.get("name_or_path"), "subfolder": spec.get("subfolder"),
+            "revision": spec.get("hub_revision"), "width": int(get("target_dim")), "length": int(get("target_len")),
+            "padding": TARGET_PADDING}
+
+
+def target_space_tags(space: dict) -> dict[str, str]:
+    """Registry tags of a translator's model version, so a consumer can check the text space without downloading:
+    mtn.target_encoder, mtn.target_width, mtn.target_length (+ mtn.target_subfolder / mtn.target_revision if set)."""
+    tags = {"mtn.target_encoder": str(space["encoder"]), "mtn.target_width": str(space["width"]),
+            "mtn.target_length": str(space["length"])}
+    tags.update({f"mtn.target_{k}": str(space[k]) for k in ("subfolder", "revision") if space.get(k)})
+    return tags
+
+
+def read_target_space(path: str | Path) -> dict:
+    """A translator folder's target space without loading its weights (the recorded one, else derived)."""
+    path = Path(path)
+    manifest = read_translator_manifest(path)
+    if isinstance(manifest.get("target_space"), dict):
+        return manifest["target_space"]
+    try:
+        config = json.loads((path / MTN_SUBFOLDER / "config.json").read_text())
+    except ValueError as e:
+        raise MTNError(f"{path / MTN_SUBFOLDER / 'config.json'} is not valid JSON: {e}") from None
+    return target_space_of(manifest, config)
 
 
 class Translator:
@@ -55,6 +94,13 @@ class Translator:
     @property
     def target_shape(self) -> tuple[int, int]:
         return self.mtn.config.target_len, self.mtn.config.target_dim
+
+    @property
+    def target_space(self) -> dict:
+        """{encoder, subfolder, revision, width, length, padding}: the text space these embeddings live in (the
+        manifest's record; derived from the target_encoder spec + the model config for older folders)."""
+        recorded = self.manifest.get("target_space")
+        return dict(recorded) if isinstance(recorded, dict) else target_space_of(self.manifest, self.mtn.config)
 
     def to(self, device=None, dtype=None) -> Translator:
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
@@ -104,7 +150,7 @@ def save_translator_folder(path: str | Path, model, manifest: dict, training: di
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path / MTN_SUBFOLDER)
     manifest = {"bundled_source_encoder": False, **manifest, "format": FORMAT, "version": VERSION,
-                "model_class": type(model).__name__}
+                "model_class": type(model).__name__, "target_space": target_space_of(manifest, model.config)}
     if training is not None:
         manifest["training"] = training
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -154,8 +200,9 @@ def load_translator(path: str | Path, device: str | torch.device = "cpu", dtype:
     if not isinstance(source_encoder, FrozenTextEncoder):
         where = source_encoder or (str(path / BUNDLED_ENCODER) if manifest.get("bundled_source_encoder")
                                    else spec["name_or_path"])
+        recorded = where == spec["name_or_path"]  # the manifest's hub id / path (not the bundle or an override)
         source_encoder = load_text_encoder(where, max_length=spec["max_length"], prefix=spec.get("prefix", ""),
-                                           subfolder=None if where != spec["name_or_path"] else spec.get("subfolder"),
-                                           device=device)
+                                           subfolder=spec.get("subfolder") if recorded else None,
+                                           revision=spec.get("hub_revision") if recorded else None, device=device)
     mtn = load_translation_model(path, manifest)
     return Translator(source_encoder, mtn, manifest).to(device=device, dtype=dtype)

@@ -4,6 +4,12 @@ AWS_ENDPOINT_URL for MinIO), or an MLflow artifact URI (`runs:/<run>/translator`
 mtn.mlflow_models (the folder sits in its artifacts/) or, registered by older versions, the folder itself. Remote
 folders are downloaded once into a cache keyed by the URI.
 
+A Hugging Face hub id, `org/name` or `org/name@revision` (a branch, tag or commit), is read from the HF cache
+(HF_HOME, by huggingface_hub's snapshot_download): downloaded there first when the hub is reachable, read from the
+cache alone under HF_HUB_OFFLINE=1, and never copied into the MTN cache (the HF cache is already per node and
+atomic). A local folder of the same spelling wins over the hub id. A pipeline (marker model_index.json) downloads
+only the files diffusers loads, without the safety checker.
+
 The cache is shared by every process on a node (Serve replicas, Ray workers):
 
     <cache>/<key>/                 a complete download (holds `.complete`); appears by one atomic rename
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -35,6 +42,10 @@ TIMEOUT_ENV, RETRY_ENV = "MTN_FETCH_TIMEOUT_S", "MTN_FETCH_RETRY_AFTER_S"
 DEFAULT_TIMEOUT_S, DEFAULT_RETRY_AFTER_S = 1800.0, 60.0
 _CHUNK = 4 << 20  # bytes per read: the download deadline is checked between chunks
 _clock = time.monotonic  # the deadline's clock (tests replace it to stop a download at a chosen chunk)
+# org/name[@revision]: the hub's repo id characters; a revision is a branch, tag or 40-hex commit (branches may hold /)
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+)"
+                     r"(?:@(?P<revision>[A-Za-z0-9_.][A-Za-z0-9_./-]*))?")
+PIPELINE_MARKER = "model_index.json"
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +70,10 @@ def fetch_folder(uri: str, marker: str, cache_dir: str | Path | None = None, tim
     if not uri.startswith(("s3://", *MLFLOW_SCHEMES)):
         path = Path(uri).expanduser()
         if not path.is_dir():
-            raise MTNError(f"model folder not found: {uri}")
+            hub = parse_hub_id(uri)
+            if hub is None:
+                raise MTNError(f"model folder not found: {uri}")
+            return _find_marker(hub_snapshot(*hub, marker=marker), marker, uri)
         return _find_marker(path, marker, uri)
     timeout_s = _setting(timeout_s, TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
     retry_after_s = _setting(retry_after_s, RETRY_ENV, DEFAULT_RETRY_AFTER_S)
@@ -122,6 +136,55 @@ def _download_locked(uri: str, resolved: str, marker: str, cache: Path, key: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     failed.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------- Hugging Face hub
+def parse_hub_id(uri: str) -> tuple[str, str | None] | None:
+    """(repo_id, revision or None) for a hub id `org/name` / `org/name@revision` that is not a local folder;
+    None for anything else (a path: ./x, /x, ~/x, a/b/c; a URI with a scheme)."""
+    uri = str(uri)
+    m = _HUB_ID.fullmatch(uri)
+    if m is None or Path(uri).expanduser().is_dir():
+        return None
+    repo, revision = m.group("repo"), m.group("revision")
+    if ".." in repo or "--" in repo or repo.endswith((".", "-")) or (revision and ".." in revision):
+        return None  # the hub refuses such names; as paths they would escape the cache's layout
+    return repo, revision
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, marker: str | None = None) -> Path:
+    """The HF cache's snapshot folder of a hub repo at `revision` (default main), downloaded into the cache first
+    when the hub is reachable. `marker` model_index.json: only the files a diffusers pipeline loads (no single-file
+    checkpoints, variants or safety checker). Anything that fails is one MTNError line."""
+    try:
+        if marker == PIPELINE_MARKER:
+            from diffusers import DiffusionPipeline
+
+            folder = DiffusionPipeline.download(repo_id, revision=revision, safety_checker=None)
+        else:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(repo_id, revision=revision)
+    except Exception as e:  # noqa: BLE001 - offline cache misses, HTTP, validation errors: one line for the user
+        raise MTNError(hub_error(repo_id, revision, e)) from None
+    return Path(folder)
+
+
+def hub_error(repo_id: str, revision: str | None, e: BaseException) -> str:
+    """The one line for a hub model that is neither cached nor downloadable."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    reason = _one_line(e)
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    how = ("unset HF_HUB_OFFLINE to download it" if offline else
+           "check the id, the revision and access to the hub (HF_TOKEN for gated repos)")
+    spec = f"{repo_id}@{revision}" if revision else repo_id
+    where = f"{constants.HF_HUB_CACHE}{' (HF_HUB_OFFLINE=1)' if offline else ' and cannot be downloaded'}"
+    return (f"{spec} is not a local folder, and hub model {repo_id} (revision {revision or 'main'}) is not in the "
+            f"Hugging Face cache {where}: "
+            f"set HF_HOME to a cache that holds it, pre-populate the cache (hf download {repo_id}"
+            f"{f' --revision {revision}' if revision else ''}), or {how} [{type(e).__name__}: {reason}]")
 
 
 def _key(store: str, uri: str) -> str:

@@ -82,10 +82,11 @@ class AppArgs(BaseModel):
     """`args` of the `mtn` application (see serve/config.yaml for a commented example)."""
 
     model_config = ConfigDict(extra="forbid")
-    # -- diffusers pipeline: local folder, hub id, or s3:// prefix holding a save_pretrained folder
+    # -- diffusers pipeline: local folder, hub id org/name[@revision], or s3:// prefix holding a save_pretrained folder
     pipeline: str
-    # -- language code (ISO 639-1, e.g. "de") or "multi" -> translator URI: folder, s3:// prefix, models:/name/version or
-    #    models:/name@alias (e.g. @champion: resolved to its version before caching)
+    # -- language code (ISO 639-1, e.g. "de") or "multi" -> translator URI: folder, s3:// prefix, models:/name/version,
+    #    models:/name@alias (e.g. @champion: resolved to its version before caching), runs:/<run>/translator or a
+    #    hub id org/name[@revision]
     translators: dict[str, str] = Field(default_factory=dict)
     # -- route for English prompts: "native" (the pipeline's own text encoder) or a key of `translators`
     english_route: str = NATIVE

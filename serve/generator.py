@@ -7,6 +7,11 @@ request, so an image is the same whether it ran alone or in a batch of 8.
 A pipeline call holds at most `batching.max_batch_pixels` (width x height x images): a larger group of
 compatible requests is split into several calls. An out-of-memory error fails only the requests of the call
 that raised it (their result is {"error": "out_of_memory"}); the replica frees the cache and goes on.
+
+Models: `pipeline` and every translator URI go through mtn.uris.fetch_folder, so each may be a folder, s3://,
+models:/ or runs:/ (downloaded once per node into the MTN cache), or a Hugging Face hub id org/name[@revision]
+(read from the HF cache, HF_HOME; a node that must not reach the hub sets HF_HUB_OFFLINE=1 and a pre-populated
+cache). A translator loads its source encoder by the id its translator.json records, from the same HF cache.
 """
 
 from __future__ import annotations

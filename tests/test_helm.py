@@ -142,7 +142,7 @@ def test_default_render(rendered):
         assert spec["serviceAccountName"] == f"mtn-serve-{kind}" and spec["automountServiceAccountToken"] is False
         assert spec["securityContext"]["runAsUser"] == 1000 and c["securityContext"]["readOnlyRootFilesystem"]
         assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp", "/tmp/ray", "/home/ray/.cache"}
-        assert c["image"] == "ghcr.io/mtn-platform/mtn-serve:0.1.0"
+        assert c["image"] == "mtn-serve:0.1.0"  # the name `make image` tags by default
         assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mtn-mlflow:5000"} in c["env"]
 
 
@@ -222,7 +222,7 @@ def test_full_render(rendered):
     assert config["applications"][0]["deployments"][1]["max_ongoing_requests"] == 161
     head, (worker,) = groups(rs)
     c = worker["template"]["spec"]["containers"][0]
-    assert c["image"] == "ghcr.io/mtn-platform/mtn-serve@sha256:" + "a" * 64
+    assert c["image"] == "mtn-serve@sha256:" + "a" * 64
     assert c["resources"]["limits"][GPU] == 2
     names = [e["name"] for e in c["env"]]
     assert names == ["MLFLOW_TRACKING_URI", "AWS_REGION", "HF_HOME", "MTN_API_KEYS", "MTN_LOG_LEVEL", "TOKEN"]

@@ -263,11 +263,11 @@ def test_image_is_pinned(helm_bin, default):
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["image"]["tag"] == chart["appVersion"]
     images = {t["spec"]["containers"][0]["image"] for t in pods(default).values()}
-    assert images == {f"ghcr.io/mtn-platform/mtn-serve:{chart['appVersion']}"}
+    assert images == {f"mtn-serve:{chart['appVersion']}"}
     both = render(helm_bin, "--set", f"image.digest={DIGEST}")
     only = render(helm_bin, "--set", f"image.digest={DIGEST},image.tag=")
     assert pods(both)["worker"]["spec"]["containers"][0]["image"].endswith(f":0.1.0@{DIGEST}")
-    assert pods(only)["head"]["spec"]["containers"][0]["image"] == f"ghcr.io/mtn-platform/mtn-serve@{DIGEST}"
+    assert pods(only)["head"]["spec"]["containers"][0]["image"] == f"mtn-serve@{DIGEST}"
 
 
 def test_empty_tag_is_refused(helm_bin):

@@ -1,7 +1,9 @@
 """Text corpora for MTN training: monolingual (one file) or parallel (two files aligned by line).
 
 Paths are local or any fsspec URL (s3://bucket/key, with the standard AWS settings / AWS_ENDPOINT_URL);
-`.gz` / `.bz2` / `.xz` are decompressed by extension. `generated:<N>` yields N template captions (offline).
+`.gz` / `.bz2` / `.xz` are decompressed by extension. `generated:<N>` yields N template captions (offline);
+`generated:<N>:<lang>` N captions in en, de or fr, line-aligned across languages (a parallel test set, offline).
+A missing Multi30k file says the command that downloads it (`mtn data fetch multi30k --root <data_root>`).
 A comma list of paths reads as the files one after another; in a parallel corpus, k equally long source files
 beside one target file are k translations of it: pairs interleave the languages line by line (`mix="interleave"`,
 every caption once per language), or caption i takes language i mod k (`mix="rotate"`: each target caption once,
@@ -21,18 +23,20 @@ def read_lines(path: str) -> list[str]:
     if "," in path:
         return [line for p in path.split(",") if p.strip() for line in read_lines(p.strip())]
     if path.startswith("generated:"):
-        from mtn.tiny.captions import generate_captions
+        from mtn.tiny.captions import generate_captions, parallel_captions, parse_generated
 
         try:
-            n = int(path.split(":", 1)[1])
-        except ValueError:
-            raise MTNError(f"corpus {path!r}: expected generated:<number of captions>") from None
-        return generate_captions(n)
+            n, lang = parse_generated(path)
+        except ValueError as e:
+            raise MTNError(f"corpus {e}") from None
+        return generate_captions(n) if lang is None else parallel_captions(n, lang)
     try:
         with fsspec.open(path, "rt", compression="infer", encoding="utf-8") as f:
             return [line.rstrip("\r\n") for line in f]
     except FileNotFoundError:
-        raise MTNError(f"corpus file not found: {path}") from None
+        from mtn.data.fetch import fetch_hint
+
+        raise MTNError(f"corpus file not found: {path}{fetch_hint(path)}") from None
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise MTNError(f"cannot read corpus file {path}: {e}") from None
 

@@ -17,8 +17,9 @@ positions are zeros, the MTN ignores them), `source_mask` [n, L] uint8, `target`
 padding included, as the UNet attends to them; or, with cache_target_padding=false, zeros there and trimmed like
 the source) and `target_mask` [n, S_t] uint8, in fp16 or bf16. Loading pads everything back to S_s / S_t.
 
-The manifest records what the features depend on: each encoder's id, revision (content hash of its local files),
-max_length, prefix; the corpus files and a checksum of the exact pairs. `check_cache` refuses a cache whose
+The manifest records what the features depend on: each encoder's id, the hub revision the config pinned
+(`hub_revision`: branch, tag or commit; null = main), revision (content hash of its local files, or the commit of
+the cached hub snapshot), max_length, prefix; the corpus files and a checksum of the exact pairs. `check_cache` refuses a cache whose
 record differs from what a config asks for, naming the field, so a stale cache is never used silently.
 """
 
@@ -42,19 +43,19 @@ VERSION = 2  # 2: per-shard sha256, shards in generation folders; 1 (no checksum
 MANIFEST = "manifest.json"
 REBUILD = ("rebuild it with `python jobs/extract_features.py --config <the same config>` (a cache whose shards "
            "fail their checksums is re-extracted)")
-ENCODER_KEYS = ("name_or_path", "subfolder", "revision", "max_length", "prefix")
+ENCODER_KEYS = ("name_or_path", "subfolder", "hub_revision", "revision", "max_length", "prefix")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
-_REVISIONS: dict = {}  # (path, subfolder) -> revision; hashing a 500 MB encoder once per process is enough
+_REVISIONS: dict = {}  # (path, subfolder, hub revision) -> revision; hashing a 500 MB encoder once per process is enough
 log = logging.getLogger("mtn.data")
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
-def encoder_revision(name_or_path: str, subfolder: str | None = None) -> str:
-    """A content hash of a local encoder's weights/config/tokenizer files; builtin for tiny:, else the hub
-    snapshot's commit when it is in the local HF cache ('unresolved' otherwise)."""
+def encoder_revision(name_or_path: str, subfolder: str | None = None, hub_revision: str | None = None) -> str:
+    """A content hash of a local encoder's weights/config/tokenizer files; builtin for tiny:, else the commit of the
+    hub snapshot (of `hub_revision`, default main) when it is in the local HF cache ('unresolved' otherwise)."""
     if name_or_path.startswith("tiny:"):
         return "builtin-seed0"
-    key = (name_or_path, subfolder)
+    key = (name_or_path, subfolder, hub_revision)
     if key in _REVISIONS:
         return _REVISIONS[key]
     root = Path(name_or_path).expanduser()
@@ -71,15 +72,17 @@ def encoder_revision(name_or_path: str, subfolder: str | None = None) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            rev = "hub:" + Path(snapshot_download(name_or_path, local_files_only=True)).name
+            rev = "hub:" + Path(snapshot_download(name_or_path, revision=hub_revision, local_files_only=True)).name
         except Exception:  # noqa: BLE001 - offline / not cached: say so in the manifest rather than guess
             rev = "unresolved"
     _REVISIONS[key] = rev
     return rev
 
 
-def encoder_record(name_or_path: str, subfolder: str | None, max_length: int, prefix: str) -> dict:
-    return {"name_or_path": name_or_path, "subfolder": subfolder, "revision": encoder_revision(name_or_path, subfolder),
+def encoder_record(name_or_path: str, subfolder: str | None, max_length: int, prefix: str,
+                   hub_revision: str | None = None) -> dict:
+    return {"name_or_path": name_or_path, "subfolder": subfolder, "hub_revision": hub_revision or None,
+            "revision": encoder_revision(name_or_path, subfolder, hub_revision or None),
             "max_length": max_length, "prefix": prefix or ""}
 
 
@@ -96,9 +99,9 @@ def corpus_record(pairs: list[tuple[str, str]], files: list[str]) -> dict:
 def expected_record(cfg, pairs: list[tuple[str, str]], files: list[str]) -> dict:
     """What a cache of `pairs` must record to be used with TrainConfig `cfg`."""
     return {"source_encoder": encoder_record(cfg.source_encoder, cfg.source_subfolder, cfg.source_max_length,
-                                             cfg.source_prefix),
+                                             cfg.source_prefix, cfg.source_revision),
             "target_encoder": encoder_record(cfg.target_encoder, cfg.target_subfolder, cfg.target_max_length,
-                                             cfg.target_prefix),
+                                             cfg.target_prefix, cfg.target_revision),
             "corpus": corpus_record(pairs, files)}
 
 

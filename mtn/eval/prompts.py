@@ -1,5 +1,7 @@
 """Prompt sets for generation metrics: PartiPrompts (.tsv with a Prompt column), COCO captions json
-(`annotations[].caption`), or any text file with one prompt per line (.gz, s3:// through fsspec)."""
+(`annotations[].caption`), any text file with one prompt per line (.gz, s3:// through fsspec), or `generated:<N>`
+/ `generated:<N>:<lang>` (N template prompts in en, de or fr, line-aligned across languages; offline).
+A missing PartiPrompts.tsv says the command that downloads it (`mtn data fetch prompts --root <data_root>`)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,23 @@ def _read_text(path: str) -> str:
         with fsspec.open(path, "rt", compression="infer", encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        raise MTNError(f"prompt file not found: {path}") from None
+        from mtn.data.fetch import fetch_hint
+
+        raise MTNError(f"prompt file not found: {path}{fetch_hint(path)}") from None
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise MTNError(f"cannot read prompt file {path}: {e}") from None
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[str]:
     """The first `limit` non-empty prompts of a prompt set, in file order (so runs compare prompt for prompt)."""
+    if path.startswith("generated:"):
+        from mtn.tiny.captions import generate_prompts, parse_generated
+
+        try:
+            n, lang = parse_generated(path)
+        except ValueError as e:
+            raise MTNError(f"prompts {e}") from None
+        return generate_prompts(n, lang or "en")[:limit] if limit else generate_prompts(n, lang or "en")
     text = _read_text(path)
     name = path.lower().removesuffix(".gz")
     if name.endswith(".json"):

@@ -98,9 +98,10 @@ def _log(run_id, name, code, artifacts, signature, example, tracking_uri):
                          input_example=example, pip_requirements=_requirements())
 
 
-def register(client, name: str, model_info, alias: str | None = None) -> str:
-    """A new version of registered model `name` from a logged model (ModelInfo or LoggedModel); `alias` (e.g.
-    "champion") moved to it. -> "models:/<name>/<version>", which serve/ and mtn.uris.fetch_folder accept."""
+def register(client, name: str, model_info, alias: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """A new version of registered model `name` from a logged model (ModelInfo or LoggedModel), with version `tags`;
+    `alias` (e.g. "champion") moved to it. -> "models:/<name>/<version>", which serve/ and mtn.uris.fetch_folder
+    accept."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
@@ -113,7 +114,8 @@ def register(client, name: str, model_info, alias: str | None = None) -> str:
     # a local (sqlite) registry looks the logged model up through the process-wide tracking URI (MLflow 3.17):
     # make that the client's for this call
     with _use_tracking_uri(client.tracking_uri):
-        mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+        mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                         tags=tags or None)
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return f"models:/{name}/{mv.version}"

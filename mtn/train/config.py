@@ -58,6 +58,8 @@ class JobConfig(RunConfig):
     ray_address: str | None = None  # None: $RAY_ADDRESS or a local cluster
     stop_timeout_s: float = 300.0  # after SIGTERM: time to checkpoint at a step boundary before exiting
     #                               without one (mtn/train/preemption.py); a second SIGTERM exits at once
+    # --- registry: the MLflow registered model the job's final model becomes a new version of; null: not registered
+    register_model: str | None = None
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
@@ -78,4 +80,6 @@ class JobConfig(RunConfig):
             (self.lr > 0, "lr must be > 0"),
             (0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio must be in [0, 1]"),
             (self.resume in ("auto", "never", "force"), f"resume must be auto|never|force, got {self.resume!r}"),
+            (self.register_model is None or bool(self.register_model.strip()),
+             "register_model must be a non-empty name or null"),
         ]

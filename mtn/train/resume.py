@@ -38,7 +38,7 @@ RESUMABLE_BECAUSE = {
     "how it handles failures and preemption": ("max_failures", "stop_timeout_s", "resume"),
     "the run's name and where its checkpoints and outputs go": ("name", "storage_path", "output_dir"),
     "tracking, and what happens after training":
-        ("mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id", "register_model"),
+        ("mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id", "register_model", "register_alias"),
     "the logged validation grid only": ("val_prompts", "val_steps", "val_guidance_scale", "val_seed"),
     "knobs of the other jobs sharing these configs (feature extraction, latent precomputation)":
         ("extract_workers", "extract_batch_size", "extract_shard_rows", "extract_gpus_per_worker",

@@ -187,17 +187,19 @@ def experiment_id(client, name: str, tracking_uri: str, output_dir: str) -> str:
 # ----------------------------------------------------------------------------------------------- driver
 def upload_outputs(tracking_uri: str, run_id: str | None, artifacts: dict[str, str],
                    model: dict[str, str] | None = None, register: str | None = None, experiment: str = "mtn",
-                   run_name: str = "mtn", attempts: int = 3, backoff_s: float = 2.0) -> str | None:
+                   run_name: str = "mtn", attempts: int = 3, backoff_s: float = 2.0,
+                   alias: str | None = None) -> str | None:
     """After the publish: log `artifacts` ({artifact path in the run: local file/folder or fsspec URL}) to the run;
     log `model` as an MLflow model of the run ({"translator": folder} -> a translator, {"pipeline": folder} or
     {"pipeline": folder, "translator": folder} -> a finetuned pipeline; mtn/mlflow_models); register it as a new version of model
-    `register` (when given); end the run FINISHED. -> "ok", or None after printing a warning with the command
+    `register` (when given; a translator's version is tagged with its target space, mtn.target_*) and move `alias`
+    to it; end the run FINISHED. -> "ok", or None after printing a warning with the command
     that retries it. Never raises."""
     guard = Guarded(redact(tracking_uri), attempts=attempts, backoff_s=backoff_s,
                     note=f"gave up after {attempts} tries")
     with env_defaults(UPLOAD_HTTP):
         status, value = guard.call("upload the outputs", _upload, tracking_uri, run_id, artifacts, model or {},
-                                   register, experiment, run_name)
+                                   register, experiment, run_name, alias)
     if status == "ok":
         run_id, logged, uri = value
         sys.stdout.write(f"MLflow: outputs uploaded to run {run_id}" + (f"; logged model {logged}" if logged else "")
@@ -209,13 +211,13 @@ def upload_outputs(tracking_uri: str, run_id: str | None, artifacts: dict[str, s
     cmd += [a for name, src in artifacts.items() for a in ("--artifact", f"{name}={src}")]
     cmd += [a for name, src in (model or {}).items() for a in ("--model", f"{name}={src}")]
     if register:
-        cmd += ["--register", register]
+        cmd += ["--register", register] + (["--alias", alias] if alias else [])
     print("warning: the MLflow upload failed (see above); the outputs ARE published and the job succeeded. "
           "Retry the upload with:\n  " + shlex.join(cmd), file=sys.stderr, flush=True)
     return None
 
 
-def _upload(tracking_uri, run_id, artifacts, model, register, experiment, run_name):
+def _upload(tracking_uri, run_id, artifacts, model, register, experiment, run_name, alias=None):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -233,13 +235,18 @@ def _upload(tracking_uri, run_id, artifacts, model, register, experiment, run_na
             else:
                 parent = str(Path(name).parent)
                 client.log_artifact(run_id, str(local), artifact_path=None if parent == "." else parent)
-        info = _log_model(run_id, {k: stack.enter_context(_local_copy(v)) for k, v in model.items()},
-                          tracking_uri) if model else None
+        folders = {k: stack.enter_context(_local_copy(v)) for k, v in model.items()}
+        info = _log_model(run_id, folders, tracking_uri) if model else None
+        tags = None
+        if register and set(folders) == {"translator"}:  # the text space, checkable without a download
+            from mtn.translator import read_target_space, target_space_tags
+
+            tags = target_space_tags(read_target_space(folders["translator"]))
     uri = None
     if register and info is not None:
         from mtn.mlflow_models import register as register_model
 
-        uri = register_model(client, register, info)
+        uri = register_model(client, register, info, alias=alias, tags=tags)
         client.set_tag(run_id, "mtn.registered_model", uri)
     client.set_terminated(run_id, "FINISHED")
     return run_id, info.model_uri if info else None, uri
@@ -339,6 +346,7 @@ def main(argv=None) -> int:
     up.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
                     help="log as the run's MLflow model: translator=SOURCE, or pipeline=SOURCE and translator=SOURCE")
     up.add_argument("--register", metavar="NAME", help="register the logged model as registered model NAME")
+    up.add_argument("--alias", metavar="ALIAS", help="with --register: move this alias (e.g. champion) to the version")
     args = p.parse_args(argv)
     pairs = [a.split("=", 1) for a in args.artifact + args.model]
     if not args.tracking_uri or any(len(x) != 2 or not all(x) for x in pairs) or (args.register and not args.model):
@@ -347,7 +355,7 @@ def main(argv=None) -> int:
         return 2
     artifacts, model = dict(pairs[:len(args.artifact)]), dict(pairs[len(args.artifact):])
     ok = upload_outputs(args.tracking_uri, args.run_id, artifacts, model, args.register, args.experiment,
-                        args.run_name)
+                        args.run_name, alias=args.alias)
     return 0 if ok else 1
 
 

@@ -73,9 +73,13 @@ matchExpressions:
 app.kubernetes.io/component: helm-test
 {{- end }}
 
-{{/* Image reference: repository[:tag][@digest]; an empty tag is refused unless a digest pins the image. */}}
+{{/* Image reference: repository[:tag][@digest]; an empty tag is refused unless a digest pins the image, and so is
+the never-published ghcr.io/mtn-platform/ unless image.allowUnpublished. */}}
 {{- define "mtn-serve.image" -}}
 {{- $img := .Values.image }}
+{{- if and (hasPrefix "ghcr.io/mtn-platform/" $img.repository) (not $img.allowUnpublished) }}
+{{- fail (printf "image.repository %q was never published: build and push it yourself (`IMAGE=<registry>/mtn-serve:<tag> make image push`) and set image.repository=<registry>/mtn-serve, or image.allowUnpublished=true if you pushed it there yourself" $img.repository) }}
+{{- end }}
 {{- if not (or $img.tag $img.digest) }}
 {{- fail "image.tag is empty: set image.tag (e.g. 0.1.0, the chart's appVersion) or image.digest (sha256:...) so every pod runs one known image" }}
 {{- end }}
