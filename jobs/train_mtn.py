@@ -341,7 +341,11 @@ def prepare_config(path, overrides) -> TrainConfig:
     data = [f for f in (cfg.corpus, cfg.source_file, cfg.target_file, cfg.val_source_file) if f]
     if any(f.startswith(cfg.data_root) for f in data) and "://" not in cfg.data_root \
             and not Path(cfg.data_root).is_dir():
-        raise MTNError(f"data folder not found: {cfg.data_root} (set $MTN_SHARED_DATA or data_root=...)")
+        from mtn.data.fetch import fetch_command
+
+        cmd = next(filter(None, map(fetch_command, data)), None)  # Multi30k & co.: the command that downloads them
+        raise MTNError(f"data folder not found: {cfg.data_root} (set $MTN_SHARED_DATA or data_root=..."
+                       + (f", or run: {cmd})" if cmd else ")"))
     for name in ("source_encoder", "target_encoder"):  # check encoders exist before starting workers
         ref = getattr(cfg, name)
         if ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():

@@ -160,14 +160,29 @@ def hub_snapshot(repo_id: str, revision: str | None = None, marker: str | None =
         if marker == PIPELINE_MARKER:
             from diffusers import DiffusionPipeline
 
-            folder = DiffusionPipeline.download(repo_id, revision=revision, safety_checker=None)
-        else:
-            from huggingface_hub import snapshot_download
+            return Path(DiffusionPipeline.download(repo_id, revision=revision, safety_checker=None))
+        from huggingface_hub import snapshot_download
 
-            folder = snapshot_download(repo_id, revision=revision)
+        return Path(snapshot_download(repo_id, revision=revision))
     except Exception as e:  # noqa: BLE001 - offline cache misses, HTTP, validation errors: one line for the user
-        raise MTNError(hub_error(repo_id, revision, e)) from None
-    return Path(folder)
+        error = e
+    cached = _cached_snapshot(repo_id, revision)
+    spec = f"{repo_id}@{revision}" if revision else repo_id
+    if cached is None:
+        raise MTNError(hub_error(repo_id, revision, error))
+    if marker and not any(cached.rglob(marker)):
+        raise MTNError(f"{spec} holds no {marker}: not the kind of folder expected here")
+    raise MTNError(f"cannot read hub model {spec} (cached at {cached}): {type(error).__name__}: {_one_line(error)}")
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot folder the HF cache holds for repo_id at revision, without asking the hub; None when none."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not even a valid id)
+        return None
 
 
 def hub_error(repo_id: str, revision: str | None, e: BaseException) -> str:

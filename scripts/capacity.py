@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -269,7 +270,7 @@ def deployment_errors(inp: dict, rayjob: Path = RAYJOB, config: Path | None = No
     jobs = [d for d in yaml.safe_load_all(Path(rayjob).read_text()) if isinstance(d, dict) and d.get("kind") == "RayJob"]
     if len(jobs) != 1:
         return [f"{rayjob}: expected one RayJob, found {len(jobs)}"]
-    argv = jobs[0]["spec"]["entrypoint"].split()
+    argv = shlex.split(jobs[0]["spec"]["entrypoint"])  # the entrypoint runs in a shell
     if "--config" not in argv:
         return [f"{rayjob}: the entrypoint has no --config"]
     at = argv.index("--config")

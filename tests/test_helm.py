@@ -123,8 +123,9 @@ def test_render_validates(rendered, crds, name):
 def test_default_render(rendered):
     (rs,) = by_kind(rendered["defaults"], "RayService")
     app = serve_app(rs)
-    assert app["args"]["translators"] == {"multi": "models:/mtn-translator-multi/1"}
-    assert app["args"]["hybrid_route"] == "multi" and app["args"]["fallback_route"] is None
+    assert app["args"]["translators"] == {"multi": "models:/mtn-xlmr-large-sd15@champion"}  # k8s/rayjob-train-mtn.yaml
+    assert app["args"]["pipeline"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert app["args"]["hybrid_route"] == "multi" and app["args"]["fallback_route"] == "multi"
     gen, ingress = app["deployments"]
     assert gen["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
     assert gen["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 4} and "num_replicas" not in gen

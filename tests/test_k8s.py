@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +24,17 @@ from pod_security import selector_matches  # noqa: E402
 
 K8S = REPO / "k8s"
 MANIFESTS = {
+    "pvc-hf-cache.yaml": ["PersistentVolumeClaim"],
+    "rayjob-extract-features.yaml": ["ServiceAccount", "ServiceAccount", "RayJob", "NetworkPolicy"],
     "rayjob-train-mtn.yaml": ["ServiceAccount", "ServiceAccount", "RayJob", "NetworkPolicy"],
+    "rayjob-train-mtn-t5.yaml": ["ServiceAccount", "ServiceAccount", "RayJob", "NetworkPolicy"],
     "rayjob-finetune-unet.yaml": ["ServiceAccount", "ServiceAccount", "RayJob", "NetworkPolicy"],
     "rayservice.yaml": ["NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "ServiceAccount", "RayService"],
     "mlflow.yaml": ["ConfigMap", "ServiceAccount", "Deployment", "Service"],
 }
+
+
+RAYJOBS = [name for name, kinds in MANIFESTS.items() if "RayJob" in kinds]
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +85,7 @@ def test_train_rayjob():
     job = one("rayjob-train-mtn.yaml", "RayJob")
     spec = job["spec"]
     assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
-    assert spec["entrypoint"].startswith("python jobs/train_mtn.py --config jobs/configs/multi30k.yaml ")
+    assert spec["entrypoint"].startswith("python jobs/train_mtn.py --config jobs/configs/xlmr-large_sd15.yaml ")
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 3600  # 1 h of logs
     assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
     (worker,) = spec["rayClusterSpec"]["workerGroupSpecs"]
@@ -93,8 +100,8 @@ def test_train_entrypoint_is_a_valid_train_mtn_command(monkeypatch):
     from mtn.config import load_config
 
     job = one("rayjob-train-mtn.yaml", "RayJob")
-    argv = job["spec"]["entrypoint"].split()
-    assert argv[:4] == ["python", "jobs/train_mtn.py", "--config", "jobs/configs/multi30k.yaml"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:4] == ["python", "jobs/train_mtn.py", "--config", "jobs/configs/xlmr-large_sd15.yaml"]
     assert (REPO / argv[3]).is_file() and (REPO / argv[1]).is_file()
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     for key, value in container_env(head).items():
@@ -107,12 +114,45 @@ def test_train_entrypoint_is_a_valid_train_mtn_command(monkeypatch):
         assert path.startswith("s3://"), path
 
 
+def test_extract_rayjob_and_the_hub_cache_claim():
+    """The extraction is a valid extract_features command whose encoder actors fill the GPU workers; every Ray pod of
+    the jobs that read hub encoders mounts the claim at HF_HOME; HF_TOKEN comes only from an optional Secret."""
+    from pod_security import pod_specs
+
+    from mtn.config import load_config
+
+    job = one("rayjob-extract-features.yaml", "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "jobs/extract_features.py", "--config"] and (REPO / argv[3]).is_file()
+    cfg = load_config(REPO / argv[3], argv[4:])
+    (worker,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert cfg.extract_workers * cfg.extract_gpus_per_worker == worker["replicas"] * gpus
+    assert cfg.feature_cache.startswith("s3://") and cfg.val_feature_cache.startswith("s3://")
+    (fetch,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["initContainers"]
+    assert fetch["args"][1:] == [argv[3]]  # it downloads the encoders of the entrypoint's config
+    claim = one("pvc-hf-cache.yaml", "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # head and workers on several nodes at once
+    for name in ("rayjob-extract-features.yaml", "rayjob-train-mtn.yaml", "rayjob-train-mtn-t5.yaml"):
+        for where, pod in pod_specs(one(name, "RayJob")):
+            if where == "spec.submitterPodTemplate":
+                continue
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+                hf_home = container_env(c)["HF_HOME"]
+                assert volumes[mounts[hf_home]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+                for e in c["env"]:
+                    if e["name"] == "HF_TOKEN":
+                        assert "value" not in e and e["valueFrom"]["secretKeyRef"]["optional"] is True, (name, e)
+
+
 def test_finetune_rayjob():
     job = one("rayjob-finetune-unet.yaml", "RayJob")
     from mtn.config import load_config
     from mtn.finetune_config import FinetuneConfig
 
-    argv = job["spec"]["entrypoint"].split()
+    argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:4] == ["python", "jobs/finetune_unet.py", "--config", "jobs/configs/finetune_sd14_t5.yaml"]
     cfg = load_config(REPO / argv[3], argv[4:], cls=FinetuneConfig)
     (worker,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
@@ -125,7 +165,7 @@ def test_finetune_rayjob():
 def test_jobs_and_serving_point_at_the_mlflow_service():
     svc = one("mlflow.yaml", "Service")
     url = f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
-    for name in ("rayjob-train-mtn.yaml", "rayjob-finetune-unet.yaml"):
+    for name in RAYJOBS:
         cluster = one(name, "RayJob")["spec"]["rayClusterSpec"]
         pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
         for group in pods:
@@ -212,7 +252,7 @@ JOB_CASES = {  # mutation of the training RayJob -> expected error text
     "wrong type": (lambda o: _worker(o).update(replicas="two"), "'two' is not of type 'integer'"),
     "missing maxReplicas": (lambda o: _worker(o).pop("maxReplicas"), "'maxReplicas' is a required property"),
     "bad quantity type": (lambda o: _head_container(o)["resources"]["limits"].update(cpu=[4]), "is not valid under any"),
-    "min > max": (lambda o: _worker(o).update(minReplicas=3, replicas=3), "minReplicas (3) > maxReplicas (2)"),
+    "min > max": (lambda o: _worker(o).update(minReplicas=3, replicas=3), "minReplicas (3) > maxReplicas (1)"),
     "replicas out of range": (lambda o: _worker(o).update(replicas=5), "replicas (5) is outside [minReplicas"),
     "duplicate group": (lambda o: o["spec"]["rayClusterSpec"]["workerGroupSpecs"].append(copy.deepcopy(_worker(o))),
                         "groupName 'a100' is used twice"),
@@ -314,7 +354,7 @@ def test_k8s_token_auth_needs_no_secret_name(crds):
     assert any("enableK8sTokenAuth and secretName cannot both be set" in e for e in errors_of(cluster, crds))
 
 
-@pytest.mark.parametrize("name", ["rayjob-train-mtn.yaml", "rayjob-finetune-unet.yaml"])
+@pytest.mark.parametrize("name", RAYJOBS)
 def test_rayjob_network_policy(name):
     """The job's NetworkPolicy selects its head and workers; only the job's own pods (submitter included) reach
     them on any port; the KubeRay operator reaches the dashboard and nothing else; nobody else gets a rule."""

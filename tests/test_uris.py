@@ -250,3 +250,23 @@ def test_unsafe_relative_paths_are_refused():
             uris._safe_relpath(key, "root", "s3://root")
     assert uris._safe_relpath("root/a/b.json", "root", "s3://root") == "a/b.json"
     assert uris._safe_relpath("root", "root", "s3://root") == "root"  # the URI names one object
+
+
+def test_local_paths_stay_paths_and_hub_ids_go_to_the_hf_cache(tmp_path, monkeypatch):
+    """A missing path is "not found" as before; an org/name that is no folder is a hub id, read from the HF cache
+    (empty here, offline: one line naming the id); an existing folder of that spelling is the folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    for missing in ("./org/name", str(tmp_path / "org" / "name"), "outputs/local/translator", "~/no/such/folder"):
+        with pytest.raises(MTNError, match="model folder not found"):
+            fetch_folder(missing, "translator.json", cache_dir=tmp_path / "cache")
+    with pytest.raises(MTNError, match=r"hub model org/name \(revision v1\) is not in the Hugging Face cache") as e:
+        fetch_folder("org/name@v1", "translator.json", cache_dir=tmp_path / "cache")
+    assert "\n" not in str(e.value)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    (tmp_path / "org" / "name" / "translator.json").write_text("{}")
+    assert fetch_folder("org/name", "translator.json", cache_dir=tmp_path / "cache") == Path("org/name")
+    assert not (tmp_path / "cache").exists()

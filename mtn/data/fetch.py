@@ -84,16 +84,21 @@ def default_root() -> str:
     return os.environ.get("MTN_SHARED_DATA") or SHARED_DATA
 
 
-def fetch_hint(path: str, manifest: dict[str, list[DataFile]] | None = None) -> str:
-    """For a missing file that a dataset here provides: ` (run: mtn data fetch <name> --root <its data root>)`;
-    else ""."""
-    path = str(path).replace("\\", "/")
+def fetch_command(path: str, manifest: dict[str, list[DataFile]] | None = None) -> str | None:
+    """`mtn data fetch <name> --root <its data root>` for a file (the first of a comma list) that a dataset here
+    provides, else None."""
+    path = str(path).split(",")[0].strip()
     for name, files in (manifest or MANIFEST).items():
         for f in files:
             if path == f.path or path.endswith("/" + f.path):
-                root = path[: -len(f.path)].rstrip("/") or "."
-                return f" (run: mtn data fetch {name} --root {root})"
-    return ""
+                return f"mtn data fetch {name} --root {path[: -len(f.path)].rstrip('/') or '.'}"
+    return None
+
+
+def fetch_hint(path: str, manifest: dict[str, list[DataFile]] | None = None) -> str:
+    """` (run: mtn data fetch ...)` for a missing file that a dataset here provides, else ""."""
+    cmd = fetch_command(path, manifest)
+    return f" (run: {cmd})" if cmd else ""
 
 
 def fetch(names: list[str], root: str | None = None, base_url: str | None = None,

@@ -245,6 +245,6 @@ def parse_generated(spec: str) -> tuple[int, str | None]:
         raise ValueError(f"{spec!r}: expected generated:<N> or generated:<N>:<lang>") from None
     if n < 1:
         raise ValueError(f"{spec!r}: N must be >= 1")
-    if lang is not None:
-        _check_lang(lang)
+    if lang is not None and lang not in PARALLEL_LANGS:
+        raise ValueError(f"{spec!r}: generated text comes in {', '.join(PARALLEL_LANGS)}, not {lang!r}")
     return n, lang

@@ -243,6 +243,15 @@ admission.maxQueuedRequests queued at its handle (serve/app.py build_app); it ne
 {{- fail (printf "scratchVolumes: the /tmp/ray volume must be named ray-logs (KubeRay's autoscaler sidecar mounts that name), not %q" .name) }}
 {{- end }}
 {{- end }}
+{{- /* HF_HOME receives the hub downloads (pipeline, source encoders): on a read-only root it must be on a scratch volume */}}
+{{- with .Values.env.hfHome }}
+{{- $hf := . }}
+{{- $onVolume := false }}
+{{- range $mounts }}{{ if or (eq $hf .) (hasPrefix (printf "%s/" (trimSuffix "/" .)) $hf) }}{{ $onVolume = true }}{{ end }}{{ end }}
+{{- if and $.Values.securityContext.readOnlyRootFilesystem (not $onVolume) }}
+{{- fail (printf "env.hfHome=%q is on no scratchVolumes mountPath (%s): the root filesystem is read-only, so hub downloads would fail; put it under one, e.g. /home/ray/.cache/huggingface" $hf (join ", " $mounts)) }}
+{{- end }}
+{{- end }}
 {{- with .Values.auth.apiKeys }}
 {{- if and .enabled (not .existingSecret) }}
 {{- fail "auth.apiKeys.enabled needs auth.apiKeys.existingSecret: the name of a Secret holding the comma-separated API keys under auth.apiKeys.secretKey" }}
