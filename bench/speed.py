@@ -5,7 +5,7 @@
     python bench/speed.py encode TRANSLATOR [--prompts 1024] # Translator.encode vs a plain encoder + MTN loop
 
 All use jobs/configs/multi30k.yaml (source_lang=all unless --set source_lang=...): multilingual-e5-small ->
-all-MiniLM-L6-v2 on Multi30k, the real encoders from ../shared/tools/real-encoders. `train` needs the feature cache
+all-MiniLM-L6-v2 on Multi30k, the real encoders from $MTN_SHARED/tools/real-encoders. `train` needs the feature cache
 (python jobs/extract_features.py --config jobs/configs/multi30k.yaml). Results also append to
 bench/results/speed.jsonl with the git commit and the CPU capability, since the CPU behind "2 cores" varies
 (mtn/train/precision.py).

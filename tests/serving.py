@@ -42,3 +42,53 @@ def serve_on_loopback(app, logs_dir: Path | None = None):
                          logs_dir)
         finally:
             serve.shutdown()
+
+
+@contextmanager
+def mtn_serve_process(args: list[str], env: dict, cwd: Path, ready_timeout_s: float = 420.0):
+    """`mtn serve <args>` as a user runs it, in its own process group on a free port; yield its base URL once it
+    prints "MTN service ready"; Ctrl-C (serve.shutdown, then Ray goes with the process) afterwards. A start that
+    fails or hangs fails the test with the end of the service's output."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import pytest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mtn = Path(sys.executable).parent / "mtn"
+    proc = subprocess.Popen([str(mtn), "serve", "--port", str(port), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not any("MTN service ready" in line for line in seen):
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None or time.monotonic() > deadline:
+                pytest.fail("mtn serve did not get ready; its output ends with:\n" + "".join(seen[-40:]))
+            seen.append(line)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)

@@ -136,3 +136,31 @@ def test_yaml_mistakes_are_one_line(tmp_path):
     with pytest.raises(MTNError) as e:
         load_config(None, many.split("; "))
     assert str(e.value) == "config: max_steps must be int, got 'x'; config: zero_stage must be int, got 'y'"
+
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@pytest.mark.parametrize("name,source,registered", [
+    ("xlmr-large_sd15.yaml", "FacebookAI/xlm-roberta-large", "mtn-xlmr-large-sd15"),
+    ("e5-large_sd15.yaml", "intfloat/multilingual-e5-large", "mtn-e5-large-sd15"),
+    ("t5-3b_sd15.yaml", "google-t5/t5-3b", "mtn-t5-3b-sd15"),
+    ("openclip_clip-l.yaml", "laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "mtn-openclip-l-sd15"),
+])
+def test_real_pairings_write_sd15_text_as_the_unet_consumes_it_with_the_recipe(name, source, registered):
+    cfg = load_config(CONFIG_DIR / name)
+    assert (cfg.source_encoder, cfg.register_model, cfg.register_alias) == (source, registered, "champion")
+    # all 77 positions of SD 1.5's CLIP, padding included
+    assert (cfg.target_encoder, cfg.target_subfolder, cfg.target_max_length) == (SD15, "text_encoder", 77)
+    assert not cfg.mse_on_mask and cfg.cache_target_padding
+    recipe = load_config(CONFIG_DIR / "multi30k.yaml")  # the winning recipe
+    keys = ("block_layout", "num_modules", "decoder_modules", "standardize", "loss_rec", "loss_cycle", "lr",
+            "weight_decay", "lr_schedule", "lr_min_ratio", "batch_size", "precision")
+    assert {k: getattr(cfg, k) for k in keys} == {k: getattr(recipe, k) for k in keys}
+
+
+def test_the_finetune_consumes_the_t5_translator_in_its_own_text_space():
+    ft = load_config(CONFIG_DIR / "finetune_sd14_t5.yaml", cls=FinetuneConfig)
+    t5 = load_config(CONFIG_DIR / "t5-3b_sd15.yaml")
+    assert ft.translator == f"models:/{t5.register_model}@{t5.register_alias}"
+    assert ft.pipeline == t5.target_encoder == SD15  # one text space, one id

@@ -143,3 +143,30 @@ def test_staging_holds_two_checkpoints_of_node_zero(inp):
     size = capacity.pod_sizing(inp)
     assert (size["staging_gib"] - 1) * GIB < 2 * node0 <= size["staging_gib"] * GIB
     assert size["staging_gib"] == 35
+
+
+# ------------------------------------------------------------------------------------------------ one source of sizing
+def test_config_and_rayjob_agree_with_the_model(inp, tmp_path):
+    """The finetune config's sizing keys and its RayJob come from the model; a disagreement names both numbers."""
+    assert capacity.deployment_errors(inp) == []
+    want = capacity.deployment_sizing(inp)
+    assert (want["num_workers"], want["batch_size"]) == (8, 256)  # 1 node x 8 GPUs x 32 images
+
+    config = tmp_path / "finetune.yaml"
+    text = (REPO / "jobs" / "configs" / "finetune_sd14_t5.yaml").read_text()
+    config.write_text(re.sub(r"(?m)^num_workers: 8\b", "num_workers: 256", text))
+    (line,) = capacity.deployment_errors(inp, config=config)
+    assert "num_workers=256" in line and "says 8" in line
+
+    job = yaml.safe_load_all(RAYJOB.read_text())
+    docs = [d for d in job if d]
+    (rayjob,) = [d for d in docs if d["kind"] == "RayJob"]
+    rayjob["spec"]["entrypoint"] += " batch_size=2048"  # an override in the entrypoint counts as the config's
+    rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = 2
+    bad = tmp_path / "rayjob.yaml"
+    bad.write_text(yaml.safe_dump_all(docs))
+    errors = capacity.deployment_errors(inp, rayjob=bad)
+    assert any("batch_size=2048" in e and "says 256" in e for e in errors), errors
+    assert any("replicas=2" in e and "1 node(s)" in e for e in errors), errors
+    assert capacity.main(["--check", str(DOC), "--rayjob", str(bad)]) == 1
+    assert capacity.main(["--check", str(DOC)]) == 0
