@@ -228,7 +228,10 @@ def _load_model(
 
 
 def _load_tokenizer(name_or_path: str, subfolder: str | None, tokenizer_subfolder: str | None, trust_remote_code: bool,
-                    revision: str | None = None):
+                    revision: str | None = None, config=None):
+    """`config`: the encoder's config. AutoTokenizer otherwise reads a config.json beside the tokenizer first, which
+    a diffusers repo's tokenizer/ lacks: offline, from a cache that never recorded that file as missing (one filled
+    by snapshot_download or diffusers), that read fails although every tokenizer file is there."""
     from transformers import AutoTokenizer
 
     if tokenizer_subfolder is not None:
@@ -245,8 +248,9 @@ def _load_tokenizer(name_or_path: str, subfolder: str | None, tokenizer_subfolde
             errors.append(f"{sub or '.'!r}: no tokenizer files")
             continue
         try:
+            kw = {"config": config} if config is not None and sub != (subfolder or "") else {}
             return AutoTokenizer.from_pretrained(name_or_path, subfolder=sub, trust_remote_code=trust_remote_code,
-                                                 **_revision_kw(revision))
+                                                 **_revision_kw(revision), **kw)
         except (OSError, ValueError, TypeError) as e:
             errors.append(f"{sub or '.'!r}: {e}")
     raise MTNError(f"cannot load a tokenizer for {name_or_path!r}: " + "; ".join(errors))
@@ -285,7 +289,7 @@ def load_text_encoder(
         except OSError as e:
             raise MTNError(f"cannot load text encoder {name_or_path!r}"
                            f"{f' at revision {revision!r}' if revision else ''}: {e}") from e
-        tok = _load_tokenizer(name_or_path, subfolder, tokenizer_subfolder, trust_remote_code, revision)
+        tok = _load_tokenizer(name_or_path, subfolder, tokenizer_subfolder, trust_remote_code, revision, model.config)
         _check_max_length(model, max_length, name_or_path)
     model = model.to(device=device, dtype=torch_dtype)
     return FrozenTextEncoder(model, tok, name_or_path, max_length, prefix=prefix, subfolder=subfolder,

@@ -188,7 +188,8 @@ def test_extraction_and_training_share_data_and_caches(cmds):
         trains = [c for c in cmds if c.script == REGISTERS and c.cfg.feature_cache == ex.cfg.feature_cache]
         assert trains, f"{ex.job}: no training RayJob reads {ex.cfg.feature_cache}"
         for tr in trains:
-            differ = {k: (getattr(ex.cfg, k), getattr(tr.cfg, k)) for k in keys if getattr(ex.cfg, k) != getattr(tr.cfg, k)}
+            differ = {k: (getattr(ex.cfg, k), getattr(tr.cfg, k)) for k in keys
+                      if getattr(ex.cfg, k) != getattr(tr.cfg, k)}
             assert not differ, f"{ex.job} and {tr.job} differ: {differ}"
             assert tr.cfg.storage_path.startswith("s3://") and tr.cfg.register_model
 
@@ -243,7 +244,8 @@ def test_alias_version_and_target_space_mismatches_are_reported(cmds):
         assert expected in line, line
     sd14 = _fake_service({"multi": "models:/mtn-xlmr-large-sd15@champion"}, pipeline="CompVis/stable-diffusion-v1-4")
     (line,) = problems(served("fake", sd14), cmds)
-    assert "translates into stable-diffusion-v1-5/stable-diffusion-v1-5" in line and "CompVis/stable-diffusion-v1-4" in line
+    assert "translates into stable-diffusion-v1-5/stable-diffusion-v1-5" in line
+    assert "the pipeline CompVis/stable-diffusion-v1-4 reads" in line
     at_rev = Command(train.job, REGISTERS, train.cfg.model_copy(update={"target_revision": "0123abc"}))
     for rev, expected in (("0123abc", []), ("4567def", ["is pinned to 4567def"])):
         pinned = _fake_service({"multi": "models:/mtn-xlmr-large-sd15@champion"},

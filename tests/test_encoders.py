@@ -89,10 +89,12 @@ def test_save_and_reload_from_local_path(kind, tmp_path):
 @pytest.mark.parametrize("kind", TINY_KINDS)
 def test_spec_is_json_and_rebuilds(kind):
     spec = tiny(kind).spec()
-    assert set(spec) == {"name_or_path", "subfolder", "max_length", "prefix", "model_type", "hidden_size"}
+    assert set(spec) == {"name_or_path", "subfolder", "hub_revision", "max_length", "prefix", "model_type",
+                         "hidden_size"}
     spec = json.loads(json.dumps(spec))
     again = load_text_encoder(
-        spec["name_or_path"], spec["max_length"], prefix=spec["prefix"], subfolder=spec["subfolder"]
+        spec["name_or_path"], spec["max_length"], prefix=spec["prefix"], subfolder=spec["subfolder"],
+        revision=spec["hub_revision"],
     )
     assert torch.equal(again([SHORT])[0], tiny(kind)([SHORT])[0])
 

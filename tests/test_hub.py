@@ -4,15 +4,8 @@ fetch_folder, load_pipeline, translators whose source encoder is a hub id, and `
 import base64
 import io
 import os
-import queue
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +25,7 @@ from tests.hub_models import (
     xlmr_large_like,
     xlmr_tokenizer,
 )
+from tests.serving import mtn_serve_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SD_LIKE = "mtn-test/sd15-like"
@@ -153,18 +147,6 @@ def test_translator_from_a_hub_id_loads_its_source_encoder_from_the_cache(offlin
 
 
 # ----------------------------------------------------------------------------------------------- acceptance
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _lines(stream, out: queue.Queue) -> None:
-    for line in stream:
-        out.put(line)
-    out.put(None)
-
-
 @pytest.mark.slow
 def test_mtn_serve_runs_sd15_and_a_hub_translator_from_an_offline_hf_cache(built, tmp_path):
     """`mtn serve --config serve/config.yaml` as shipped (the pipeline is SD 1.5's hub id) + CPU overrides and a
@@ -184,29 +166,13 @@ def test_mtn_serve_runs_sd15_and_a_hub_translator_from_an_offline_hf_cache(built
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_tmp, MTN_CACHE=str(tmp_path / "mtn-cache"),
                PYTHONUNBUFFERED="1")
-    port = _free_port()
     overrides = ["device=cpu", "dtype=float32", f"translators.multi={TRANSLATOR_ID}@main", "limits.max_width=64",
                  "limits.max_height=64", "limits.max_steps=4", "limits.max_images=1", "defaults.num_inference_steps=2",
                  "defaults.width=64", "defaults.height=64", "batching.max_batch_size=2"]
-    mtn = Path(sys.executable).parent / "mtn"
-    proc = subprocess.Popen([str(mtn), "serve", "--config", str(ROOT / "serve/config.yaml"), "--port", str(port),
-                             *overrides], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
-    seen: list[str] = []
     try:
-        deadline = time.monotonic() + 420
-        while not any("MTN service ready" in line for line in seen):
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None or time.monotonic() > deadline:
-                pytest.fail("mtn serve did not get ready; its output ends with:\n" + "".join(seen[-40:]))
-            seen.append(line)
-        r = requests.post(f"http://127.0.0.1:{port}/v1/generate", timeout=180,
-                          json={"prompt": "ein roter Hund läuft am Strand", "language": "de", "seed": 0})
+        with mtn_serve_process(["--config", str(ROOT / "serve/config.yaml"), *overrides], env, tmp_path) as url:
+            r = requests.post(f"{url}/v1/generate", timeout=180,
+                              json={"prompt": "ein roter Hund läuft am Strand", "language": "de", "seed": 0})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["route"]["route"] == "multi"  # de has no route of its own: the fallback, the hub translator
@@ -215,11 +181,4 @@ def test_mtn_serve_runs_sd15_and_a_hub_translator_from_an_offline_hf_cache(built
         assert raw[:8] == b"\x89PNG\r\n\x1a\n"
         assert Image.open(io.BytesIO(raw)).size == (64, 64)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve.shutdown(), then Ray goes with the process
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 import capacity  # noqa: E402
+import capacity_deploy  # noqa: E402
 
 from mtn.errors import MTNError  # noqa: E402
 
@@ -148,14 +149,14 @@ def test_staging_holds_two_checkpoints_of_node_zero(inp):
 # ------------------------------------------------------------------------------------------------ one source of sizing
 def test_config_and_rayjob_agree_with_the_model(inp, tmp_path):
     """The finetune config's sizing keys and its RayJob come from the model; a disagreement names both numbers."""
-    assert capacity.deployment_errors(inp) == []
+    assert capacity_deploy.deployment_errors(inp) == []
     want = capacity.deployment_sizing(inp)
     assert (want["num_workers"], want["batch_size"]) == (8, 256)  # 1 node x 8 GPUs x 32 images
 
     config = tmp_path / "finetune.yaml"
     text = (REPO / "jobs" / "configs" / "finetune_sd14_t5.yaml").read_text()
     config.write_text(re.sub(r"(?m)^num_workers: 8\b", "num_workers: 256", text))
-    (line,) = capacity.deployment_errors(inp, config=config)
+    (line,) = capacity_deploy.deployment_errors(inp, config=config)
     assert "num_workers=256" in line and "says 8" in line
 
     job = yaml.safe_load_all(RAYJOB.read_text())
@@ -165,7 +166,7 @@ def test_config_and_rayjob_agree_with_the_model(inp, tmp_path):
     rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = 2
     bad = tmp_path / "rayjob.yaml"
     bad.write_text(yaml.safe_dump_all(docs))
-    errors = capacity.deployment_errors(inp, rayjob=bad)
+    errors = capacity_deploy.deployment_errors(inp, rayjob=bad)
     assert any("batch_size=2048" in e and "says 256" in e for e in errors), errors
     assert any("replicas=2" in e and "1 node(s)" in e for e in errors), errors
     assert capacity.main(["--check", str(DOC), "--rayjob", str(bad)]) == 1

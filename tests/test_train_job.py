@@ -34,7 +34,8 @@ def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path, monkeypatch, ca
               "val_every=3", "checkpoint_every=2", "log_every=1", "hidden_dim=16", "loss_adv=0.01",
               # the multi30k recipe's model and precision on the tiny encoders: mixer blocks, standardised features,
               # bf16 autocast where this CPU runs bf16 natively (fp32 elsewhere)
-              "block_layout=mixer", "num_modules=2", "decoder_modules=1", "standardize=true", "precision=auto"]
+              "block_layout=mixer", "num_modules=2", "decoder_modules=1", "standardize=true", "precision=auto",
+              "register_model=mtn-tiny"]  # registered as a new version of mtn-tiny, alias champion moved to it
     first = run_job(*common, "max_steps=3", cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "== train_mtn finished ==" in first.stdout
@@ -73,6 +74,18 @@ def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path, monkeypatch, ca
     (logged,) = client.search_logged_models([run.info.experiment_id])  # the translator, as an MLflow model
     assert logged.name == "translator" and logged.source_run_id == run.info.run_id
     assert run.data.tags["mlflow.source.name"] == "jobs/train_mtn.py" and len(run.inputs.dataset_inputs) == 1
+    # registered: version 1 of mtn-tiny, alias champion, the target space as tags; it loads back from the alias
+    champion = client.get_model_version_by_alias("mtn-tiny", "champion")
+    assert int(champion.version) == 1 and champion.source == f"models:/{logged.model_id}"
+    assert {k: champion.tags.get(k) for k in ("mtn.target_encoder", "mtn.target_width", "mtn.target_length")} == {
+        "mtn.target_encoder": "tiny:clip", "mtn.target_width": "48", "mtn.target_length": "77"}
+    from mtn.uris import fetch_folder
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
+    registered = load_translator(fetch_folder("models:/mtn-tiny@champion", "translator.json", tmp_path / "cache"))
+    assert registered.target_space == {"encoder": "tiny:clip", "subfolder": None, "revision": None, "width": 48,
+                                       "length": 77, "padding": "max_length"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
     # re-running with the same name + storage_path resumes: the step count continues in the same MLflow run
     second = run_job(*common, "max_steps=5", cwd=tmp_path)
@@ -82,6 +95,7 @@ def test_two_workers_zero2_artifacts_mlflow_and_resume(tmp_path, monkeypatch, ca
     (run2,) = client.search_runs([run.info.experiment_id])
     assert run2.info.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5]
+    assert int(client.get_model_version_by_alias("mtn-tiny", "champion").version) == 2  # the alias followed
 
     # the same name with another model / loss: refused before Ray starts, naming what changed; the published
     # translator stays the step-5 one
