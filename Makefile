@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch==2.13.0 is pinned; on a CPU-only box outside this farm add: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# torch==2.13.0 is pinned; where pip would take the multi-GB CUDA build and you want the CPU one, add: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS = 0
 

@@ -32,7 +32,7 @@ def setup_models(cfg: FinetuneConfig, device, dtype):
     """-> (pipe with UNet/VAE/text encoder, DDPM noise scheduler, translator or None)."""
     from diffusers import DDPMScheduler
 
-    from mtn.pipeline import load_pipeline
+    from mtn.pipeline import check_translator, load_pipeline
     from mtn.tiny.sd import build_tiny_sd_pipeline
     from mtn.tiny.translator import build_tiny_translator
     from mtn.translator import load_translator
@@ -51,8 +51,8 @@ def setup_models(cfg: FinetuneConfig, device, dtype):
         translator = build_tiny_translator(target_dim=cross, seed=cfg.seed)
     else:
         translator = load_translator(fetch_folder(cfg.translator, "translator.json"))
-    if translator is not None and translator.target_shape[1] != cross:
-        raise MTNError(f"the translator outputs d_t={translator.target_shape[1]}, the UNet needs {cross}")
+    if translator is not None:
+        check_translator(pipe, translator)  # its declared text space: the UNet's width, the tokenizer's length
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     pipe.to(device)

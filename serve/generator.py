@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mtn.errors import MTNError
-from mtn.pipeline import load_pipeline, run_pipeline, text_embeddings
+from mtn.pipeline import check_translator, load_pipeline, run_pipeline, text_embeddings
 from mtn.translator import load_translator
 from mtn.uris import fetch_folder
 from serve import LOGGER
@@ -105,9 +105,10 @@ class GeneratorCore:
             raise MTNError(f"no translator configured for route {route!r}")
         path = fetch_folder(self.args.translators[route], "translator.json", self.cache_dir)
         tr = load_translator(path, device=self.device, dtype=self.dtype)
-        d_t, cross = tr.target_shape[1], self.pipe.unet.config.cross_attention_dim
-        if d_t != cross:
-            raise MTNError(f"translator {route!r} outputs d_t={d_t}; this pipeline's UNet needs {cross}")
+        try:  # its declared text space against the UNet's width and the tokenizer's length, at load time
+            check_translator(self.pipe, tr)
+        except MTNError as e:
+            raise MTNError(f"translator {route!r}: {e}") from None
         return tr
 
     def make_jobs(self, items: list[tuple[object, dict]]) -> list[Job]:

@@ -57,7 +57,8 @@ def test_config_show_prints_the_resolved_config(monkeypatch, tmp_path, capsys):
     import yaml
 
     monkeypatch.setenv("MTN_SHARED_DATA", str(tmp_path / "data"))
-    assert main(["config", "show", "evaluate", "max_prompts=3", "languages=[de, fr]"]) == 0
+    assert main(["config", "show", "evaluate", "max_prompts=3", "languages=[de, fr]",
+                 "prompts={data_root}/prompts/PartiPrompts.tsv"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# mtn evaluate: ") and "evaluate_local.yaml + overrides" in out.splitlines()[0]
     cfg = yaml.safe_load(out)

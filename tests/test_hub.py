@@ -1,15 +1,10 @@
 """Hub ids wherever a model URI goes, resolved offline from a populated Hugging Face cache (tests/hub_models.py):
 fetch_folder, load_pipeline, translators whose source encoder is a hub id, and `mtn serve` on SD 1.5's hub id."""
 
-import base64
-import io
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mtn.errors import MTNError
 from mtn.uris import fetch_folder, parse_hub_id
@@ -25,7 +20,6 @@ from tests.hub_models import (
     xlmr_large_like,
     xlmr_tokenizer,
 )
-from tests.serving import mtn_serve_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SD_LIKE = "mtn-test/sd15-like"
@@ -147,38 +141,7 @@ def test_translator_from_a_hub_id_loads_its_source_encoder_from_the_cache(offlin
 
 
 # ----------------------------------------------------------------------------------------------- acceptance
-@pytest.mark.slow
-def test_mtn_serve_runs_sd15_and_a_hub_translator_from_an_offline_hf_cache(built, tmp_path):
-    """`mtn serve --config serve/config.yaml` as shipped (the pipeline is SD 1.5's hub id) + CPU overrides and a
-    translator route that is a hub id, on a node whose HF cache was populated beforehand and that may not reach the
-    hub: it starts and answers POST /v1/generate with a PNG."""
-    import requests
-    from PIL import Image
 
-    pipeline = yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"][0]["args"]["pipeline"]
-    repo, revision = parse_hub_id(pipeline)
-    assert repo == SD15_ID
-    home = tmp_path / "hf"
-    populate_hf_cache(home, SD15_ID, built["sd"], revision=revision or "main")
-    populate_hf_cache(home, XLMR_LARGE_ID, built["xlmr"])
-    populate_hf_cache(home, TRANSLATOR_ID, built["translator"])
-    ray_tmp = tempfile.mkdtemp(prefix="ray-hub-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_tmp, MTN_CACHE=str(tmp_path / "mtn-cache"),
-               PYTHONUNBUFFERED="1")
-    overrides = ["device=cpu", "dtype=float32", f"translators.multi={TRANSLATOR_ID}@main", "limits.max_width=64",
-                 "limits.max_height=64", "limits.max_steps=4", "limits.max_images=1", "defaults.num_inference_steps=2",
-                 "defaults.width=64", "defaults.height=64", "batching.max_batch_size=2"]
-    try:
-        with mtn_serve_process(["--config", str(ROOT / "serve/config.yaml"), *overrides], env, tmp_path) as url:
-            r = requests.post(f"{url}/v1/generate", timeout=180,
-                              json={"prompt": "ein roter Hund läuft am Strand", "language": "de", "seed": 0})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["route"]["route"] == "multi"  # de has no route of its own: the fallback, the hub translator
-        (png,) = body["images"]
-        raw = base64.b64decode(png)
-        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
-        assert Image.open(io.BytesIO(raw)).size == (64, 64)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+# `mtn serve --config serve/config.yaml` on SD 1.5's hub id with a hub-id translator route, from an offline cache:
+# tests/test_real_shapes.py (it serves the translator that test trains and registers).

@@ -6,7 +6,8 @@ each, seeded; tests/hub_models.py) in an offline Hugging Face cache:
     mtn extract -> mtn train (registers models:/mtn-xlmr-large-sd15@champion) -> mtn serve (SD 1.5's hub id + that
     registered translator) -> one POST /v1/generate over HTTP
 
-This is the test that catches a translator whose width the UNet cannot take (a 384-d target on a 768-d UNet)."""
+The service also takes a translator route that is a hub id (`org/name@rev`), from the same offline cache. This is the
+test that catches a translator whose width the UNet cannot take (a 384-d target on a 768-d UNet)."""
 
 import base64
 import gzip
@@ -37,6 +38,7 @@ from tests.serving import mtn_serve_process
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "jobs" / "configs" / "xlmr-large_sd15.yaml"
+HUB_TRANSLATOR = "mtn-test/xlmr-large-sd15-de"  # a translator published on the hub, as a user would
 
 
 def _write_parallel(root: Path, split: str, n: int, seed: int) -> None:
@@ -95,19 +97,26 @@ def test_extract_train_register_serve_generate_at_the_real_widths(tmp_path):
         assert version.tags["mtn.target_encoder"].startswith(SD15_ID)
         assert (version.tags["mtn.target_width"], version.tags["mtn.target_length"]) == (str(CLIP_HIDDEN), str(CLIP_LEN))
 
-        # serve/config.yaml as shipped (SD 1.5's hub id, the registered translator) with CPU-sized overrides
+        # serve/config.yaml as shipped (SD 1.5's hub id, the registered translator as `multi`) with CPU-sized
+        # overrides, plus a `de` route whose translator is a hub id: the trained folder, published as a hub repo
+        populate_hf_cache(home, HUB_TRANSLATOR, out / "translator")
         serve_args = ["--config", str(ROOT / "serve" / "config.yaml"), "device=cpu", "dtype=float32",
+                      f"translators.de={HUB_TRANSLATOR}@main",
                       "limits.max_width=64", "limits.max_height=64", "limits.max_steps=4", "limits.max_images=1",
                       "defaults.num_inference_steps=2", "defaults.width=64", "defaults.height=64",
                       "batching.max_batch_size=2"]
         with mtn_serve_process(serve_args, env, tmp_path) as url:
-            r = requests.post(f"{url}/v1/generate", timeout=180,
-                              json={"prompt": "ein roter Hund läuft am Strand", "language": "de", "seed": 0})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["route"]["route"] == "multi"
-        (png,) = body["images"]
-        assert Image.open(io.BytesIO(base64.b64decode(png))).size == (64, 64)
+            answers = {lang: requests.post(f"{url}/v1/generate", timeout=180,
+                                           json={"prompt": prompt, "language": lang, "seed": 0})
+                       for lang, prompt in (("de", "ein roter Hund läuft am Strand"),
+                                            ("fr", "un chien rouge court sur la plage"))}
+        for lang, route in (("de", "de"), ("fr", "multi")):  # fr has no route of its own: the fallback, multi
+            r = answers[lang]
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["route"]["route"] == route
+            (png,) = body["images"]
+            assert Image.open(io.BytesIO(base64.b64decode(png))).size == (64, 64)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -16,6 +16,8 @@ class EvalConfig(RunConfig):
     source_encoder: str | None = None  # a local mirror of the translator's recorded source LM
     target_encoder: str | None = None  # a local mirror of its recorded target encoder (alignment needs it)
     device: str = "cpu"
+    # The class defaults read the real sets under data_root (`mtn data fetch multi30k prompts` puts them there); the
+    # embedded default, jobs/configs/evaluate_local.yaml, reads generated ones (`generated:<N>:<lang>`) instead.
     # --- alignment: per language, a parallel test set ({lang} is replaced by each language)
     languages: Strs = ["en", "de"]
     align_source_file: str = "{data_root}/multi30k/test_2016_flickr.{lang}.gz"
