@@ -163,4 +163,4 @@ def test_the_finetune_consumes_the_t5_translator_in_its_own_text_space():
     ft = load_config(CONFIG_DIR / "finetune_sd14_t5.yaml", cls=FinetuneConfig)
     t5 = load_config(CONFIG_DIR / "t5-3b_sd15.yaml")
     assert ft.translator == f"models:/{t5.register_model}@{t5.register_alias}"
-    assert ft.pipeline == t5.target_encoder == SD15  # one text space, one id
+    assert ft.pipeline == f"{t5.target_encoder}@{t5.target_revision}" == f"{SD15}@{t5.target_revision}"  # one text space

@@ -124,7 +124,7 @@ def test_default_render(rendered):
     (rs,) = by_kind(rendered["defaults"], "RayService")
     app = serve_app(rs)
     assert app["args"]["translators"] == {"multi": "models:/mtn-xlmr-large-sd15@champion"}  # k8s/rayjob-train-mtn.yaml
-    assert app["args"]["pipeline"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert app["args"]["pipeline"].split("@")[0] == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # pinned: @<commit>
     assert app["args"]["hybrid_route"] == "multi" and app["args"]["fallback_route"] == "multi"
     gen, ingress = app["deployments"]
     assert gen["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
