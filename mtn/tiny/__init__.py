@@ -5,7 +5,7 @@ this package only through a lazy hook on a ``tiny:`` reference (``tiny:t5`` in `
 ``mtn.pipeline``, ``tiny:clip-vit`` / ``tiny:mclip`` in ``mtn.eval.clip``, ``tiny`` FID features in
 ``mtn.eval.fid``, ``generated:<N>`` corpora in ``mtn.data.corpus``).
 
-    captions.py    TINY_CORPUS (en/de/fr captions) and generate_captions
+    captions.py    TINY_CORPUS (en/de/fr captions), generate_captions, parallel_captions (aligned en/de/fr), generate_prompts
     tokenizers.py  deterministic CLIP/BERT/XLM-R tokenizers trained on TINY_CORPUS, ByT5 for t5
     encoders.py    tiny T5/CLIP/BERT/XLM-R text encoders (``tiny:<kind>``)
     clip.py        toy CLIP and multilingual-CLIP folders for the evaluation metrics
