@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mtn.train.preemption import EXIT_CODE, Preempted, StopOnSigterm
+from mtn.train.preemption import EXIT_CODE, Preempted, StopOnSigterm, StopSignal, flag_name
 
 ROOT = Path(__file__).parents[1]
 
@@ -194,3 +194,30 @@ def test_mlflow_server_killed_mid_run_then_sigterm_then_the_rerun_resumes_and_pu
     from mtn import load_translator
 
     assert load_translator(out / "translator").manifest["training"]["steps"] == max_steps
+
+
+def test_a_raised_flag_stays_up_until_the_driver_drops_it(ray_cluster):
+    """The real flag on a real Ray: a named actor that is not detached dies once no handle to it is left, so the
+    driver keeps the handle; a worker polling seconds after the SIGTERM still sees the flag (it once vanished as soon
+    as raise_flag returned, and a run trained on for minutes after 'stop flag raised')."""
+    import gc
+
+    with StopOnSigterm("flag-kept", timeout_s=60, exit_now=lambda code: None) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_for(lambda: stop.flag is not None, 60)
+        gc.collect()
+        time.sleep(2.0)  # well past the moment Ray destroyed the unreferenced actor
+        assert StopSignal("flag-kept", poll_s=0).check()
+        stop.flag = None  # the driver exits: the flag goes with it
+    gc.collect()
+    assert wait_for(lambda: not _flag_exists("flag-kept"), 30)
+
+
+def _flag_exists(run_name: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(flag_name(run_name))
+        return True
+    except ValueError:
+        return False

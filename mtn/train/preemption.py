@@ -45,8 +45,10 @@ class _Flag:
         return True
 
 
-def raise_flag(run_name: str, wait_s: float = 60.0) -> None:
-    """Create the named flag actor (waits for Ray to be up: SIGTERM may come while it starts)."""
+def raise_flag(run_name: str, wait_s: float = 60.0):
+    """Create the named flag actor (waits for Ray to be up: SIGTERM may come while it starts); -> its handle, which
+    the caller must keep: Ray destroys a named actor that is not detached once no handle to it is left, so a dropped
+    handle lowers the flag again at once (workers that had not polled yet never saw it)."""
     import ray
 
     deadline = time.monotonic() + wait_s
@@ -56,6 +58,7 @@ def raise_flag(run_name: str, wait_s: float = 60.0) -> None:
         time.sleep(0.1)
     flag = ray.remote(num_cpus=0)(_Flag).options(name=flag_name(run_name), get_if_exists=True).remote()
     ray.get(flag.ping.remote(), timeout=wait_s)
+    return flag
 
 
 class StopOnSigterm:
@@ -67,7 +70,7 @@ class StopOnSigterm:
             result = fit(train_loop, cfg, on_ray_ready=stop.install)   # ray.init installs its own handler
         stop.raise_if_preempted(result, cfg.max_steps)
 
-    `raise_flag(name)` and `exit_now(code)` are replaceable for tests."""
+    `raise_flag(name)` (-> the flag's handle, kept in `self.flag`) and `exit_now(code)` are replaceable for tests."""
 
     def __init__(self, run_name: str, timeout_s: float = 300.0, raise_flag: Callable[[str], None] = raise_flag,
                  exit_now: Callable[[int], None] = os._exit):
@@ -77,6 +80,7 @@ class StopOnSigterm:
         self._wake, self._done = threading.Event(), threading.Event()
         self._previous = None
         self._watcher: threading.Thread | None = None
+        self.flag = None  # the raised flag's actor handle: held until the driver exits (dropping it lowers the flag)
 
     def __enter__(self) -> StopOnSigterm:
         self._previous = signal.getsignal(signal.SIGTERM)
@@ -118,7 +122,7 @@ class StopOnSigterm:
         deadline = time.monotonic() + self.timeout_s
         while not self._done.is_set():
             try:
-                self._raise_flag(self.run_name)
+                self.flag = self._raise_flag(self.run_name)
                 sys.stderr.write("stop flag raised: every rank checkpoints at its next step boundary\n")
                 break
             except Exception as e:  # noqa: BLE001 - retried (a loaded cluster); the timeout below still ends the process
