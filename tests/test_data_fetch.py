@@ -233,10 +233,14 @@ def test_manifest_covers_every_path_the_configs_read():
     needed = _config_data_paths()
     assert "multi30k/train.cs.gz" in needed and "prompts/PartiPrompts.tsv" in needed
     assert needed <= pinned, sorted(needed - pinned)
-    for files in MANIFEST.values():
-        for f in files:
-            assert re.fullmatch(r"[0-9a-f]{64}", f.sha256) and f.size > 0
-            assert f.url.startswith("https://raw.githubusercontent.com/") and f.url.endswith(Path(f.path).name)
+    entries = [f for files in MANIFEST.values() for f in files]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", f.sha256) for f in entries)
+    # every file pinned to its own digest and source (a digest or URL copied onto another entry is caught here; the
+    # digests' values against the real bytes: test_manifest_matches_a_shared_copy)
+    assert len({f.sha256 for f in entries}) == len({f.url for f in entries}) == len({f.path for f in entries}) \
+        == len(entries) == 16
+    for f in entries:
+        assert f.url.startswith("https://raw.githubusercontent.com/") and f.url.endswith("/" + Path(f.path).name)
 
 
 def test_manifest_matches_a_shared_copy():
