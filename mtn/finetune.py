@@ -41,8 +41,9 @@ def setup_models(cfg: FinetuneConfig, device, dtype):
     if cfg.pipeline == "tiny":
         pipe = build_tiny_sd_pipeline(seed=cfg.seed)
     else:
-        pipe = load_pipeline(str(fetch_folder(cfg.pipeline, "model_index.json")) if "://" in cfg.pipeline
-                             or cfg.pipeline.startswith(("runs:/", "models:/")) else cfg.pipeline)
+        # tiny:sd as load_pipeline builds it; anything else (folder, hub id, s3://, models:/) through the one resolver
+        pipe = load_pipeline(cfg.pipeline if cfg.pipeline.startswith("tiny:")
+                             else str(fetch_folder(cfg.pipeline, "model_index.json")))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     cross = pipe.unet.config.cross_attention_dim
     if cfg.translator is None:

@@ -46,21 +46,20 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
 
         pipe = tiny_pipeline(name_or_path)
         pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # built in float32
-    elif hub is None and not local.is_dir():
-        raise MTNError(f"pipeline folder not found: {name_or_path} (expected a folder, a hub id org/name[@revision] "
-                       "or tiny:sd)")
-    elif hub is None and not (local / "model_index.json").is_file():
-        raise MTNError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json)")
     else:
-        repo, revision = hub if hub is not None else (str(local), None)
+        if hub is not None:  # the one hub resolver (mtn.uris): the HF cache's snapshot, or one line why not
+            local = hub_snapshot(*hub, marker="model_index.json")
+        elif not local.is_dir():
+            raise MTNError(f"pipeline folder not found: {name_or_path} (expected a folder, a hub id "
+                           "org/name[@revision] or tiny:sd)")
+        if not (local / "model_index.json").is_file():
+            raise MTNError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json)")
         try:
-            pipe = DiffusionPipeline.from_pretrained(repo, revision=revision, dtype=dtype, safety_checker=None,
+            pipe = DiffusionPipeline.from_pretrained(str(local), dtype=dtype, safety_checker=None,
                                                      requires_safety_checker=False)
-        except Exception as e:  # noqa: BLE001 - OSError, ValueError, hub errors: one line for the user
-            where = ""
-            if hub is not None:  # not in the HF cache (nor downloadable): hub_snapshot raises that one line
-                where = f" (cached at {hub_snapshot(repo, revision, marker='model_index.json')})"
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, a broken folder: one line for the user
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = f" (at {local})" if hub is not None else ""
             raise MTNError(f"cannot load diffusers pipeline {name_or_path!r}{where}: {msg}") from None
     check_takes_embeddings(pipe)
     set_scheduler(pipe, scheduler)
