@@ -126,3 +126,18 @@ def pytest_collection_modifyitems(config, items):
     shared = {item.path for item in items if "ray_cluster" in item.fixturenames}
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: (item.path not in multinode, item.path not in shared, item.path not in slow))
+
+
+@pytest.fixture
+def mlflow_registry(tmp_path, monkeypatch):
+    """An MLflow store in tmp_path, as the process-wide tracking URI (what models:/ URIs are resolved against);
+    -> (client, experiment id). The previous tracking URI is restored afterwards."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    yield client, client.create_experiment("mtn", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_tracking_uri(before)

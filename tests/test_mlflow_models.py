@@ -3,35 +3,19 @@ run's "Logged models", registered, promoted with an alias, loaded with mlflow.py
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from mtn.mlflow_models import CHAMPION, log_pipeline, log_translator, register
 
 PROMPTS = ["ein Hund", "a red dog on the beach"]
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """An MLflow store in tmp_path, as the process-wide tracking URI (what models:/ URIs are resolved against);
-    -> (client, experiment id)."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    yield client, client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
-    mlflow.set_tracking_uri(before)
-
-
-def test_translator_model_logged_registered_promoted_and_loaded(store, tiny_serving, tmp_path):
+def test_translator_model_logged_registered_promoted_and_loaded(mlflow_registry, tiny_serving, tmp_path):
     import mlflow
 
     from mtn.translator import load_translator
     from mtn.uris import fetch_folder
 
-    client, exp = store
+    client, exp = mlflow_registry
     run_id = client.create_run(exp, tags={"mlflow.source.name": "jobs/train_mtn.py"}).info.run_id
     info = log_translator(run_id, tiny_serving[1], tracking_uri=client.tracking_uri)
     # the run lists it under "Logged models"; it carries the run's source tag
@@ -75,14 +59,14 @@ def test_translator_model_logged_registered_promoted_and_loaded(store, tiny_serv
     assert len(out["images"]) == 1
 
 
-def test_finetuned_pipeline_model_gives_the_images_of_generate(store, tiny_serving, tmp_path):
+def test_finetuned_pipeline_model_gives_the_images_of_generate(mlflow_registry, tiny_serving, tmp_path):
     import mlflow
 
     from mtn.pipeline import generate, load_pipeline
     from mtn.translator import load_translator
     from mtn.uris import fetch_folder
 
-    client, exp = store
+    client, exp = mlflow_registry
     run_id = client.create_run(exp).info.run_id
     info = log_pipeline(run_id, tiny_serving[0], tiny_serving[1], tracking_uri=client.tracking_uri)
     assert register(client, "ft", info) == "models:/ft/1" and not client.get_registered_model("ft").aliases

@@ -14,26 +14,12 @@ from mtn.train.tracking import main, upload_outputs
 TAGS = {"mtn.target_encoder": "tiny:clip", "mtn.target_width": "48", "mtn.target_length": "77"}
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """An MLflow store in tmp_path, also the process-wide tracking URI (models:/ URIs resolve against it)."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    yield client, client.create_experiment("mtn", artifact_location=(tmp_path / "artifacts").as_uri())
-    mlflow.set_tracking_uri(before)
-
-
 @pytest.mark.slow
-def test_upload_registers_a_version_moves_the_alias_and_tags_the_target_space(store, tmp_path):
+def test_upload_registers_a_version_moves_the_alias_and_tags_the_target_space(mlflow_registry, tmp_path):
     from mtn.translator import load_translator
     from mtn.uris import fetch_folder
 
-    client, exp = store
+    client, exp = mlflow_registry
     folder = build_tiny_translator(seed=0).save(tmp_path / "translator")
     versions = []
     for _ in range(2):  # a second training registers version 2 and the alias follows it
